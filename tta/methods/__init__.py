@@ -1,0 +1,6 @@
+"""Adaptation methods; importing this package registers every method module below."""
+
+from tta.methods import tpt, zero, zeroshot  # noqa: F401
+from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, get_method_class, list_methods, register
+
+__all__ = ["Method", "MethodInput", "MethodOptions", "MethodOutput", "get_method_class", "list_methods", "register"]

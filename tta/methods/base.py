@@ -1,0 +1,196 @@
+"""The method contract and the registry.
+
+Every adaptation method is a `Method` subclass registered by name with `@register`. It declares
+its scope (``episodic``: nothing survives a request; ``stream``: state is kept across requests of
+one deployment), a frozen options dataclass holding the paper's defaults, and implements
+`predict`. The CLI, the handler and the contract tests list methods from the registry, so adding
+a method is adding one file under `tta/methods/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
+
+import torch
+
+from tta.errors import BadRequest
+from tta.models import ClipModel
+from tta.text import LabelSet
+from tta.timing import StageTimer
+
+Scope = Literal["episodic", "stream"]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options. Subclasses are frozen dataclasses with the paper's defaults."""
+
+    def validate(self) -> None:
+        """Raise `BadRequest` for out-of-range values (subclasses extend)."""
+
+    @classmethod
+    def from_dict(cls, overrides: Mapping[str, Any] | None = None, base: Self | None = None) -> Self:
+        """Apply request overrides on top of `base` (or the defaults), checking names and types."""
+        base = base if base is not None else cls()
+        if not overrides:
+            return base
+        if not isinstance(overrides, Mapping):
+            raise BadRequest("options must be a JSON object", code="bad_options")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise BadRequest(
+                f"unknown option(s) {unknown} for this method; known: {sorted(fields)}", code="bad_options"
+            )
+        hints = typing.get_type_hints(cls)
+        values = {name: _coerce(name, value, hints[name]) for name, value in overrides.items()}
+        options = dataclasses.replace(base, **values)
+        options.validate()
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Coerce a JSON value to the field's type, or raise BadRequest naming the option."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise TypeError
+            return out
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if origin is Literal:
+            if value not in args:
+                raise BadRequest(f"option '{name}' must be one of {list(args)}, got {value!r}", code="bad_options")
+            return value
+        if origin is tuple:
+            if not isinstance(value, list | tuple):
+                raise TypeError
+            return tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"option '{name}' must be {getattr(hint, '__name__', hint)}, got {value!r}",
+                         code="bad_options") from exc
+    return value
+
+
+def check(condition: bool, message: str) -> None:
+    """Validation helper for `MethodOptions.validate`."""
+    if not condition:
+        raise BadRequest(message, code="bad_options")
+
+
+@dataclass
+class MethodInput:
+    """Everything one request gives a method. Built by the `Engine`, never by the method."""
+
+    image: torch.Tensor  # uint8 [3, H, W] on CPU
+    labels: LabelSet
+    text_features: torch.Tensor  # [C, d] normalised zero-shot classifier on the model device
+    options: MethodOptions
+    generator: torch.Generator
+    timer: StageTimer
+    is_default_labels: bool = True  # the deployment's label set (stream state is kept for it only)
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns; the engine turns it into a `Prediction`."""
+
+    probs: torch.Tensor  # [C] final class probabilities
+    zeroshot_probs: torch.Tensor  # [C] zero-shot probabilities on the original image
+    image_features: torch.Tensor | None = None  # [d] original image feature (drift monitoring)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"fallback": "..."}, {"state": {...}}
+
+
+class Method(ABC):
+    """One adaptation method bound to one frozen CLIP (per worker)."""
+
+    name: ClassVar[str]
+    scope: ClassVar[Scope]
+    Options: ClassVar[type[MethodOptions]]
+    description: ClassVar[str] = ""
+
+    def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
+        self.clip = clip
+        self.defaults = defaults if defaults is not None else self.Options()
+        self.defaults.validate()
+
+    def parse_options(self, overrides: Mapping[str, Any] | None) -> MethodOptions:
+        return self.Options.from_dict(overrides, base=self.defaults)
+
+    @abstractmethod
+    def predict(self, request: MethodInput) -> MethodOutput:
+        """Adapt (if the method does) and classify one image."""
+
+    def reset(self) -> None:
+        """Return to the initial state (episodic methods have none to drop)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stream state to snapshot; episodic methods have none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output."""
+
+    def state_summary(self) -> dict[str, Any]:
+        """How full the method's state is (entries per class, capacity); {} for episodic methods."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method selectable by `cls.name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    import tta.methods  # noqa: F401  (imports every method module, which registers it)
+
+
+def list_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BadRequest(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}",
+                         code="unknown_method") from None

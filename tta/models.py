@@ -1,0 +1,258 @@
+"""CLIP loading: one entry point, `load_model(spec)`, for every source a deployment uses.
+
+Accepted specs (``ARCH`` is any open_clip architecture name, e.g. ``ViT-B-16``):
+
+- ``ARCH:TAG``          open_clip pretrained tag, e.g. ``ViT-B-16:openai``, ``ViT-B-32:laion2b_s34b_b79k``
+- ``ARCH:/path/ckpt``   a local checkpoint (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``
+                        or ``.safetensors``)
+- ``hf-hub:org/name``   an open_clip model on the Hugging Face hub (config + weights)
+- ``local-dir:/path``   a folder holding ``open_clip_config.json`` and weights
+- ``tiny-random``       a ~3.4 M parameter CLIP with seeded random weights (tests, offline smoke runs)
+- ``ARCH-random``       the real architecture with seeded random weights (cost measurements)
+- ``tiny-digits``       a tiny CLIP trained on sklearn's digits by `tta.testing.digits` (cached)
+
+Weights are looked up in the local cache first; when the hub cannot be reached we fail in
+seconds with a message naming the model, the cache searched and the offline alternatives,
+instead of letting the hub client retry for a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tta.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A few-M-parameter CLIP that builds in ~0.1 s; the text tower keeps CLIP's real tokenizer.
+TINY_CLIP_CONFIG: dict[str, Any] = dict(
+    embed_dim=64,
+    vision_cfg=dict(image_size=64, layers=2, width=64, patch_size=16, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+)
+RANDOM_SEED = 0
+
+
+@dataclass
+class ClipModel:
+    """A frozen CLIP plus what is needed to feed it: tokenizer and preprocessing constants."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    preprocess: Any = None  # open_clip's PIL transform, kept for callers that want it
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().item())
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else -1
+
+    def to(self, device: str | torch.device) -> ClipModel:
+        self.model.to(device)
+        return self
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Build random weights deterministically without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True when the HF hub answers a TCP connect quickly (and offline mode is not forced)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TTA_OFFLINE", "") in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(_hub_endpoint()).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Force huggingface_hub to read only its cache (it checks this flag at call time)."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _unavailable(spec: str, where: str, cause: BaseException | str) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"cannot load CLIP weights for '{spec}': not found in {where} and the hub is unreachable "
+        f"or refused ({str(cause).splitlines()[0][:200]}). "
+        "Use a local checkpoint ('ARCH:/path/to/clip.pt' or '.safetensors'), an open_clip folder "
+        "('local-dir:/path'), pre-populate the cache (HF_HOME / HF_HUB_CACHE), "
+        "or serve offline with MODEL=tiny-random."
+    )
+
+
+def _tokenizer_for(arch_or_id: str) -> Any:
+    import open_clip
+
+    return open_clip.get_tokenizer(arch_or_id)
+
+
+def _wrap(model: torch.nn.Module, preprocess: Any, tokenizer: Any, name: str, **info: Any) -> ClipModel:
+    visual = model.visual
+    size = visual.image_size if hasattr(visual, "image_size") else 224
+    size = size[0] if isinstance(size, tuple | list) else int(size)
+    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    return ClipModel(
+        model=_freeze(model), tokenizer=tokenizer, name=name, image_size=int(size),
+        mean=mean, std=std, preprocess=preprocess, info=info,
+    )
+
+
+def _build_tiny_random() -> ClipModel:
+    import open_clip
+
+    with _seeded(RANDOM_SEED):
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    return _wrap(model, None, _tokenizer_for("ViT-B-32"), "tiny-random", source="builtin")
+
+
+def _build_arch_random(arch: str, spec: str) -> ClipModel:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
+    with _seeded(RANDOM_SEED):
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    return _wrap(model, preprocess, _tokenizer_for(arch), spec, source="random", arch=arch)
+
+
+def _build_from_checkpoint(arch: str, path: str, spec: str) -> ClipModel:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
+    if not Path(path).is_file():
+        raise ModelUnavailable(f"checkpoint for '{spec}' not found: {path} does not exist or is not a file")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path, weights_only=True)
+    except Exception as exc:  # a wrong or corrupt checkpoint must name itself
+        raise ModelUnavailable(f"checkpoint {path} cannot be loaded into {arch}: {exc}") from exc
+    return _wrap(model, preprocess, _tokenizer_for(arch), spec, source="checkpoint", arch=arch, path=path)
+
+
+def _build_from_hub(name: str, spec: str, pretrained: str | None) -> ClipModel:
+    import open_clip
+
+    online = hub_reachable()
+    try:
+        with _hub_offline(not online):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            tokenizer = _tokenizer_for(name)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise _unavailable(spec, f"the Hugging Face cache {_hub_cache_dir()}", exc) from exc
+    return _wrap(model, preprocess, tokenizer, spec, source="hub", online=online)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Split 'ARCH:TAG_OR_PATH' into (arch, rest); schema specs (hf-hub:, local-dir:) stay whole."""
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return spec, None
+    arch, sep, rest = spec.partition(":")
+    return arch, (rest if sep else None)
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> ClipModel:
+    """Return a frozen CLIP (eval mode, no grad) with its tokenizer and preprocessing, on `device`."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelUnavailable("empty model name; try 'tiny-random' or 'ViT-B-16:openai'")
+    arch, rest = parse_spec(spec)
+    if spec == "tiny-random":
+        clip = _build_tiny_random()
+    elif spec == "tiny-digits":
+        from tta.testing.digits import load_digits_clip
+
+        clip = load_digits_clip()
+    elif rest is None and spec.endswith("-random"):
+        clip = _build_arch_random(spec[: -len("-random")], spec)
+    elif spec.startswith(("hf-hub:", "local-dir:")):
+        clip = _build_from_hub(spec, spec, None)
+    elif rest is None:
+        raise ModelUnavailable(
+            f"model '{spec}' names no weights: use 'ARCH:TAG' (e.g. ViT-B-16:openai), 'ARCH:/path/ckpt', "
+            "'hf-hub:org/name', 'tiny-random' or 'ARCH-random'"
+        )
+    elif "/" in rest or rest.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(rest).exists():
+        clip = _build_from_checkpoint(arch, rest, spec)
+    else:
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'")
+        if not open_clip.get_pretrained_cfg(arch, rest):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+            raise ModelUnavailable(f"unknown pretrained tag '{rest}' for {arch}; known tags: {tags}")
+        clip = _build_from_hub(arch, spec, rest)
+    clip.to(device)
+    log.info("loaded CLIP %s on %s", spec, device)
+    return clip
+
+
+def resolve_device(requested: str | None = None, gpu_id: int | None = None) -> torch.device:
+    """Pick the device: an explicit request wins, then the given GPU when CUDA exists, else CPU."""
+    if requested and requested not in ("auto", ""):
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            from tta.errors import BadRequest
+
+            raise BadRequest(f"device '{requested}' requested but CUDA is not available", code="bad_device")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id or 0}")
+    return torch.device("cpu")
