@@ -131,6 +131,36 @@ class Engine:
         timer.add("total", (time.perf_counter() - start) * 1000.0)
         return self._to_prediction(name, label_set, output, top_k, timer)
 
+    # --- stream-state operations (inspect / reset / export / import / feedback) ----------------
+    def state_summary(self, method: str) -> dict[str, Any]:
+        impl = self.method(method)
+        return {"method": method, "scope": impl.scope, **impl.state_summary()}
+
+    def reset_state(self, method: str) -> None:
+        with self._lock:
+            self.method(method).reset()
+
+    def export_state(self, method: str) -> dict[str, Any]:
+        with self._lock:
+            return self.method(method).state_dict()
+
+    def import_state(self, method: str, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.method(method).load_state_dict(state)
+
+    def feedback(self, image: torch.Tensor, label: str, method: str, seed: int | None = None) -> dict[str, Any]:
+        """A labelled example for `method` (GDA support set, online accuracy); unknown labels are 4xx."""
+        if label not in self.labels.names:
+            raise BadRequest(f"unknown label '{label}': not in the deployment's label set", code="unknown_label")
+        impl = self.method(method)
+        timer = StageTimer(self.clip.device)
+        generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
+        with self._lock:
+            text_features = self.text_cache.get(self.clip, self.labels)
+            request = MethodInput(image=image, labels=self.labels, text_features=text_features,
+                                  options=impl.defaults, generator=generator, timer=timer)
+            return impl.feedback(request, self.labels.names.index(label))
+
     def _to_prediction(self, name: str, labels: LabelSet, output: Any, top_k: int, timer: StageTimer) -> Prediction:
         probs = output.probs.detach().float().cpu()
         zs = output.zeroshot_probs.detach().float().cpu()

@@ -166,6 +166,10 @@ class Method(ABC):
         """How full the method's state is (entries per class, capacity); {} for episodic methods."""
         return {}
 
+    def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
+        """Learn from a labelled example (e.g. GDA's support set); most methods take none."""
+        raise BadRequest(f"method '{self.name}' does not learn from labelled feedback", code="feedback_unsupported")
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

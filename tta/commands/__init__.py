@@ -1,0 +1,1 @@
+"""Subcommands of the `tta` CLI (see tta/cli.py)."""
