@@ -1,0 +1,182 @@
+"""TDA: Training-free Dynamic Adapter (Karmanov et al., CVPR 2024; repo kdiAAA/TDA).
+
+Two caches of past test features survive across requests (scope ``stream``):
+- positive: per predicted class, the `pos_capacity` = 3 lowest-entropy features seen so far;
+  its Tip-Adapter affinity adds alpha * exp(-beta * (1 - f.k)) @ onehot(class) to the logits;
+- negative: only samples whose normalised entropy lies inside (0.2, 0.5) enter (2 per class);
+  its affinity with the mask (0.03 < p_cached < 1.0) of the cached probabilities is subtracted.
+The cache is updated with the current sample *before* its own prediction (as the repo does).
+Normalised entropy is the natural-log entropy divided by log2(C), as in the repo, so its
+thresholds carry over. Defaults are `configs/imagenet.yaml` (1 view); on the ImageNet variants
+TDA runs 64 AugMix views and keeps the 10 % most confident (set `n_views=64`).
+
+Differences from the repo: the logit scale is the model's own (100 for OpenAI CLIP); cache
+capacities come from the deployment's defaults (a request cannot resize the caches); a total cap
+bounds memory for very large label sets; requests with a label set other than the deployment's
+are answered zero-shot and leave the caches alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tta.features import encode_images
+from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
+from tta.scoring import entropy, marginal_entropy, select_confident
+from tta.state import ClassQueues, StreamStateMixin
+from tta.views import ViewSpec, base_view, make_views, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TDAOptions(MethodOptions):
+    """Defaults of TDA's `configs/imagenet.yaml` (single view)."""
+
+    n_views: int = 1
+    selection_p: float = 0.1
+    augmix: bool = True
+    positive: bool = True
+    pos_capacity: int = 3
+    pos_alpha: float = 2.0
+    pos_beta: float = 5.0
+    negative: bool = True
+    neg_capacity: int = 2
+    neg_alpha: float = 0.117
+    neg_beta: float = 1.0
+    neg_entropy: tuple[float, float] = (0.2, 0.5)
+    neg_mask: tuple[float, float] = (0.03, 1.0)
+    max_entries: int = 50_000  # total cap per cache (memory bound for huge label sets)
+
+    def validate(self) -> None:
+        check(1 <= self.n_views <= 512, "n_views must be in [1, 512]")
+        check(0.0 < self.selection_p <= 1.0, "selection_p must be in (0, 1]")
+        check(1 <= self.pos_capacity <= 64 and 1 <= self.neg_capacity <= 64, "capacities must be in [1, 64]")
+        check(1 <= self.max_entries <= 1_000_000, "max_entries must be in [1, 1e6]")
+        for name in ("pos_alpha", "pos_beta", "neg_alpha", "neg_beta"):
+            check(0.0 <= getattr(self, name) <= 1000.0, f"{name} must be in [0, 1000]")
+        for name in ("neg_entropy", "neg_mask"):
+            pair = getattr(self, name)
+            check(len(pair) == 2 and pair[0] <= pair[1], f"{name} must be [lower, upper] with lower <= upper")
+
+
+def normalized_entropy(loss: float, n_classes: int) -> float:
+    """The repo's `get_entropy`: nats divided by log2(C) (so its thresholds apply unchanged)."""
+    return float(loss) / math.log2(n_classes) if n_classes > 1 else 0.0
+
+
+def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 alpha: float, beta: float) -> torch.Tensor:
+    """Tip-Adapter affinity: alpha * exp(-beta * (1 - f K^T)) V, for features [N, d] -> [N, C]."""
+    affinity = features @ keys.t()
+    return alpha * torch.exp(-beta * (1.0 - affinity)) @ values
+
+
+def negative_values(probs: torch.Tensor, mask: tuple[float, float]) -> torch.Tensor:
+    """Indicator of classes a cached sample found unlikely but possible: lower < p < upper."""
+    return ((probs > mask[0]) & (probs < mask[1])).float()
+
+
+@register
+class TDA(StreamStateMixin, Method):
+    name = "tda"
+    scope = "stream"
+    Options = TDAOptions
+    description = "positive/negative caches of past confident features; forward only, state kept per deployment"
+    state_version = 1
+
+    def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
+        super().__init__(clip, defaults)
+        opts: TDAOptions = self.defaults  # type: ignore[assignment]
+        self.pos = ClassQueues(opts.pos_capacity, opts.max_entries, "lowest")
+        self.neg = ClassQueues(opts.neg_capacity, opts.max_entries, "lowest")
+        self.updates = 0
+        self._init_stream()
+
+    # --- state ----------------------------------------------------------------------------
+    def _export_state(self) -> dict[str, Any]:
+        return {"positive": self.pos.state_dict(), "negative": self.neg.state_dict(), "updates": self.updates}
+
+    def _import_state(self, state: Any) -> None:
+        self.pos.load_state_dict(state["positive"])
+        self.neg.load_state_dict(state["negative"])
+        self.updates = int(state.get("updates", 0))
+
+    def _clear_state(self) -> None:
+        self.pos.clear()
+        self.neg.clear()
+        self.updates = 0
+
+    def _summary(self) -> dict[str, Any]:
+        return {"positive": self.pos.summary(self._names), "negative": self.neg.summary(self._names),
+                "updates": self.updates, "total": len(self.pos) + len(self.neg)}
+
+    # --- compute --------------------------------------------------------------------------
+    def _features(self, request: MethodInput, opts: TDAOptions
+                  ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+        """(feature [d], logits [C], entropy loss, prob map [C], original-view logits [C])."""
+        clip = self.clip
+        with request.timer.stage("augment"):
+            if opts.n_views > 1:
+                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
+                                   ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
+                                   generator=request.generator, device=clip.device)
+            else:
+                views = normalize(base_view(request.image.to(clip.device), clip.image_size),
+                                  clip.mean, clip.std).unsqueeze(0)
+        with request.timer.stage("encode"):
+            feats = encode_images(clip, views)
+        logits = clip.logit_scale * feats @ request.text_features.t()
+        if feats.shape[0] == 1:
+            return feats[0], logits[0], float(entropy(logits[0])), logits[0].softmax(-1), logits[0]
+        keep = select_confident(logits, opts.selection_p)
+        selected = logits[keep]
+        return (feats[keep].mean(0), selected.mean(0), float(marginal_entropy(selected)),
+                selected.softmax(-1).mean(0), logits[0])
+
+    def adapted_logits(self, feature: torch.Tensor, logits: torch.Tensor, opts: TDAOptions) -> torch.Tensor:
+        """Zero-shot logits plus the positive and minus the negative cache's affinity."""
+        out = logits.clone()
+        n_classes = logits.shape[-1]
+        if opts.positive and len(self.pos):
+            keys, classes, _ = self.pos.stacked(feature.device)
+            onehot = torch.nn.functional.one_hot(classes, n_classes).float()
+            out = out + cache_logits(feature[None], keys, onehot, opts.pos_alpha, opts.pos_beta)[0]
+        if opts.negative and len(self.neg):
+            keys, _, probs = self.neg.stacked(feature.device)
+            assert probs is not None
+            values = negative_values(probs, opts.neg_mask)
+            out = out - cache_logits(feature[None], keys, values, opts.neg_alpha, opts.neg_beta)[0]
+        return out
+
+    def update(self, feature: torch.Tensor, pred: int, loss: float, probs: torch.Tensor, opts: TDAOptions) -> bool:
+        """TDA's cache rules for one sample; True when a cache changed."""
+        changed = False
+        if opts.positive:
+            changed |= self.pos.offer(pred, feature, loss)
+        h = normalized_entropy(loss, probs.shape[-1])
+        if opts.negative and opts.neg_entropy[0] < h < opts.neg_entropy[1]:
+            changed |= self.neg.offer(pred, feature, loss, probs)
+        return changed
+
+    def predict(self, request: MethodInput) -> MethodOutput:
+        opts: TDAOptions = request.options  # type: ignore[assignment]
+        feature, logits, loss, probs, original = self._features(request, opts)
+        zeroshot = original.softmax(-1)
+        if not request.is_default_labels:
+            return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
+                                extra={"fallback": "tda keeps state for the deployment's labels only; zero-shot"})
+        with request.timer.stage("adapt"), self.host.transaction():
+            self._bind_labels(request.labels.names)
+            pred = int(logits.argmax())
+            if self.update(feature, pred, loss, probs, opts):
+                self.updates += 1
+                self.host.changed()
+            final = self.adapted_logits(feature, logits, opts)
+        return MethodOutput(probs=final.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
+                            extra={"cache": {"positive": len(self.pos), "negative": len(self.neg)}})
