@@ -12,8 +12,9 @@ from tta.models import ClipModel
 def encode_images(clip: ClipModel, views: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Normalised float32 image features [N, d] of normalised views [N, 3, S, S]."""
     views = views.to(clip.device)
+    encode = clip.image_encoder or clip.model.encode_image
     chunks = [
-        F.normalize(clip.model.encode_image(views[i : i + batch_size]).float(), dim=-1)
+        F.normalize(encode(views[i : i + batch_size]).float(), dim=-1)
         for i in range(0, views.shape[0], batch_size)
     ]
     return torch.cat(chunks)

@@ -58,6 +58,9 @@ class ClipModel:
     std: tuple[float, float, float] = OPENAI_STD
     preprocess: Any = None  # open_clip's PIL transform, kept for callers that want it
     info: dict[str, Any] = field(default_factory=dict)
+    # optional stand-in for model.encode_image in frozen forward passes (e.g. ONNX Runtime, see
+    # tta.onnx_encoder); tta.features.encode_images uses it when set
+    image_encoder: Any = None
 
     @property
     def device(self) -> torch.device:
