@@ -1,0 +1,174 @@
+"""`tta archive --model M --name N`: build `model_store/N.mar` for TorchServe.
+
+The archive carries everything a worker needs besides the Python environment: the handler, a
+copy of the `tta` package (so the served code is the archived code), the label file and a
+generated model-config.yaml holding TorchServe's worker/batching keys and our own `tta:` section
+(model spec, templates, default method, method defaults, request limits, metrics port).
+No weights are packed: the worker loads them with `tta.load_model` from the cache or hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tta.errors import TTAError
+from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from tta.methods.base import get_method_class
+from tta.text import imagenet_classnames, load_labels, resolve_templates
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parents[1]
+LABELS_NAME = "labels.txt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-random",
+                        help="CLIP spec: ARCH:TAG, ARCH:/path/ckpt, hf-hub:org/name, tiny-random (default: %(default)s)")
+    parser.add_argument("--name", default="clip", help="archive/model name: the N of /predictions/N (default: %(default)s)")
+    parser.add_argument("--labels-file", help="class names, one per line or a JSON list (default: ImageNet's 1000)")
+    parser.add_argument("--templates", default="single", help="'single', 'imagenet' (CLIP's 80) (default: %(default)s)")
+    parser.add_argument("--method", default="zeroshot", help="default method for requests that name none")
+    parser.add_argument("--method-defaults", default="{}",
+                        help='JSON {method: {option: value}} baked into the deployment, e.g. \'{"tpt": {"n_views": 32}}\'')
+    parser.add_argument("--out", default="model_store", help="export folder (default: %(default)s)")
+    parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="min = max workers; >1 splits stream-method state per worker (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
+    parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to fill a batch (default: %(default)s)")
+    parser.add_argument("--response-timeout", type=int, default=120, help="seconds per batch (default: %(default)s)")
+    parser.add_argument("--startup-timeout", type=int, default=600,
+                        help="seconds to load weights and warm up (default: %(default)s)")
+    parser.add_argument("--device-type", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="TorchServe deviceType; auto = gpu when CUDA is visible now (default: %(default)s)")
+    parser.add_argument("--max-labels", type=int, default=1000, help="per-request label list limit")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    parser.add_argument("--metrics-port", type=int, default=8083,
+                        help="port of the tta metrics exporter; 0 disables; env TTA_METRICS_PORT wins")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
+    parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
+                        help="'no-archive' writes an unpacked folder (faster cold start)")
+    parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
+
+
+def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> dict[str, Any]:
+    """model-config.yaml: TorchServe's frontend keys (camelCase) plus our `tta:` section."""
+    device_type = args.device_type
+    if device_type == "auto":
+        import torch
+
+        device_type = "gpu" if torch.cuda.is_available() else "cpu"
+    return {
+        "minWorkers": args.workers,
+        "maxWorkers": args.workers,
+        "batchSize": args.batch_size,
+        "maxBatchDelay": args.max_batch_delay,
+        "responseTimeout": args.response_timeout,
+        "startupTimeout": args.startup_timeout,
+        "deviceType": device_type,
+        "tta": {
+            "model": args.model,
+            "labels_file": LABELS_NAME,
+            "templates": args.templates,
+            "default_method": args.method,
+            "method_defaults": method_defaults,
+            "max_labels": args.max_labels,
+            "max_image_pixels": args.max_image_pixels,
+            "max_image_bytes": args.max_image_bytes,
+            "metrics_port": args.metrics_port,
+            "metrics_address": "127.0.0.1",
+            "warmup": not args.no_warmup,
+        },
+    }
+
+
+def _validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Fail at build time on what would otherwise fail every worker start."""
+    get_method_class(args.method)
+    resolve_templates(args.templates)
+    try:
+        method_defaults = json.loads(args.method_defaults)
+    except json.JSONDecodeError as exc:
+        raise TTAError(f"--method-defaults is not JSON: {exc}") from exc
+    if not isinstance(method_defaults, dict):
+        raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
+    for name, options in method_defaults.items():
+        get_method_class(name).Options.from_dict(options).validate()
+    for flag in ("workers", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise TTAError(f"--{flag.replace('_', '-')} must be >= 1")
+    return method_defaults
+
+
+# open_clip's curated ImageNet names repeat two classes; WordNet names the second ones apart
+# (n04008634 "projectile, missile"; n04356056 "sunglasses, dark glasses, shades").
+IMAGENET_RENAMES = {744: "projectile", 837: "dark glasses"}
+
+
+def default_labels() -> tuple[str, ...]:
+    """ImageNet-1k class names, made unique so every class keeps its index."""
+    names = list(imagenet_classnames())
+    for index, name in IMAGENET_RENAMES.items():
+        if names.count(names[index]) > 1:
+            names[index] = name
+    return load_labels(names)
+
+
+def handler_path() -> Path:
+    """The handler file, found as the `handlers` package installed next to `tta`."""
+    spec = importlib.util.find_spec("handlers.clip_tta_handler")
+    if spec is None or spec.origin is None:
+        raise TTAError("handlers/clip_tta_handler.py not found: run from the repository or install clip-tta")
+    return Path(spec.origin)
+
+
+def build_archive(args: argparse.Namespace) -> Path:
+    """Stage handler + tta + labels + config, then call torch-model-archiver's Python API."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    method_defaults = _validate(args)
+    labels = load_labels(args.labels_file) if args.labels_file else default_labels()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tta-archive-") as tmp:
+        stage = Path(tmp) / "extra"
+        shutil.copytree(PACKAGE, stage / "tta", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (stage / LABELS_NAME).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        config_path = Path(tmp) / "model-config.yaml"
+        config_path.write_text(yaml.safe_dump(model_config(args, method_defaults), sort_keys=False), encoding="utf-8")
+        config = ModelArchiverConfig(
+            model_name=args.name, handler=str(handler_path()), version=args.version, extra_files=str(stage),
+            export_path=str(out), archive_format=args.archive_format, force=args.force,
+            config_file=str(config_path),
+        )
+        generate_model_archive(config)
+    suffix = {"default": ".mar", "tgz": ".tar.gz", "no-archive": ""}[args.archive_format]
+    return out / f"{args.name}{suffix}"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path = build_archive(args)
+    except (TTAError, FileNotFoundError) as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # model-archiver raises its own error types
+        if type(exc).__name__ != "ModelArchiverError":
+            raise
+        print(f"tta: error: {exc} (use -f to overwrite)", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,246 @@
+"""Every Prometheus instrument of the serving layer, named in one place.
+
+The math code never imports this module: methods record stage times in a `StageTimer` and return
+probabilities and features; the edge (the TorchServe handler today, any server tomorrow) feeds
+them to `ServingMetrics`. Instruments follow prometheus-client naming: seconds for time,
+`_total` counters, and buckets chosen for this workload (a few ms for zero-shot on a GPU up to
+tens of seconds for TPT with many views on a CPU).
+
+Across processes (TorchServe runs one Python worker per model copy) the values live in
+prometheus-client's multiprocess mode: every worker writes memory-mapped files under
+``PROMETHEUS_MULTIPROC_DIR`` and one exporter, started by whichever worker binds the port first,
+serves the merged view. That environment variable must be set before `prometheus_client` is
+first imported, so the serving edge sets it (the handler defaults it to a directory keyed by the
+TorchServe frontend's process id, shared by that server's workers and by no other server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import multiprocess
+
+log = logging.getLogger(__name__)
+
+# 2.5 ms ... 60 s: zero-shot ViT-B/16 on a GPU sits in the first buckets, TPT/DiffTPT on a CPU in the last.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+)
+# Normalised entropy (H / log C) and top-1 probability both live in [0, 1].
+UNIT_BUCKETS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))
+CONFIDENCE_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Cosine distance lies in [0, 2]; in-distribution CLIP images stay well below 0.5 from their mean.
+SHIFT_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+STAGES: tuple[str, ...] = ("decode", "text", "augment", "generate", "encode", "adapt", "predict", "total")
+OUTCOMES: tuple[str, ...] = ("ok", "client_error", "server_error", "fallback")
+CUSTOM_LABELS = "__request_labels__"  # class label used when a request brought its own label set
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def normalized_entropy(probs: torch.Tensor) -> float:
+    """Entropy over log(C): 0 = one-hot, 1 = uniform; comparable across label-set sizes."""
+    p = probs.detach().float().clamp_min(1e-12)
+    classes = p.shape[-1]
+    if classes < 2:
+        return 0.0
+    return float(-(p * p.log()).sum() / math.log(classes))
+
+
+class EmbeddingDrift:
+    """Cosine distance of each image feature to a reference mean.
+
+    The reference is the running mean of the first `reference_size` features a worker sees, then
+    frozen, so a later shift of the input distribution shows as growing distances instead of being
+    absorbed by the mean.
+    """
+
+    def __init__(self, reference_size: int = 256) -> None:
+        self.reference_size = max(1, int(reference_size))
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def frozen(self) -> bool:
+        return self._count >= self.reference_size
+
+    def update(self, feature: torch.Tensor) -> float | None:
+        """Distance of `feature` to the reference so far (None for the very first feature)."""
+        f = F.normalize(feature.detach().float().flatten().cpu(), dim=0)
+        with self._lock:
+            if self._sum is not None and self._sum.shape != f.shape:
+                self._sum, self._count = None, 0  # another model's features: start a new reference
+            distance = None
+            if self._sum is not None:
+                reference = F.normalize(self._sum, dim=0)
+                distance = float(1.0 - torch.dot(reference, f))
+            if not self.frozen:
+                self._sum = f.clone() if self._sum is None else self._sum + f
+                self._count += 1
+        return distance
+
+
+class ServingMetrics:
+    """The handler-side instruments. One instance per process; registry defaults to a private one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, drift_reference_size: int = 256) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "tta_stage_duration_seconds",
+            "Time per request stage (decode, text, augment, generate, encode, adapt, predict, total)",
+            ["model", "method", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "tta_requests", "Requests by outcome (ok, client_error, server_error, fallback)",
+            ["model", "method", "outcome"], registry=r,
+        )
+        self.entropy = Histogram(
+            "tta_prediction_entropy_ratio",
+            "Prediction entropy divided by log(#classes), zero-shot and adapted",
+            ["model", "method", "kind"], buckets=UNIT_BUCKETS, registry=r,
+        )
+        self.confidence = Histogram(
+            "tta_prediction_confidence", "Top-1 probability, zero-shot and adapted",
+            ["model", "method", "kind"], buckets=CONFIDENCE_BUCKETS, registry=r,
+        )
+        self.predictions = Counter(
+            "tta_predictions", "Predicted top-1 class (deployment label set; request label sets pooled)",
+            ["model", "method", "label"], registry=r,
+        )
+        self.changed = Counter(
+            "tta_adaptation_changed", "Predictions where adaptation changed the zero-shot top-1 answer",
+            ["model", "method"], registry=r,
+        )
+        self.embedding_shift = Histogram(
+            "tta_embedding_shift_cosine_distance",
+            "Cosine distance of each image feature to the worker's reference mean feature",
+            ["model"], buckets=SHIFT_BUCKETS, registry=r,
+        )
+        self.state_actions = Counter(
+            "tta_state_actions", "Stream-state operations (state, reset, export, import, feedback) by outcome",
+            ["model", "method", "action", "outcome"], registry=r,
+        )
+        self.drift = EmbeddingDrift(drift_reference_size)
+
+    def observe_stages(self, model: str, method: str, timings_ms: Mapping[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(model, method, stage).observe(max(ms, 0.0) / 1000.0)
+
+    def observe_outcome(self, model: str, method: str, outcome: str) -> None:
+        self.requests.labels(model, method, outcome).inc()
+
+    def observe_prediction(
+        self,
+        model: str,
+        method: str,
+        label: str,
+        probs: torch.Tensor,
+        zeroshot_probs: torch.Tensor,
+        changed: bool,
+        image_features: torch.Tensor | None,
+        custom_labels: bool = False,
+    ) -> None:
+        """Drift signals of one answered request."""
+        for kind, p in (("adapted", probs), ("zeroshot", zeroshot_probs)):
+            self.entropy.labels(model, method, kind).observe(normalized_entropy(p))
+            self.confidence.labels(model, method, kind).observe(float(p.max()))
+        self.predictions.labels(model, method, CUSTOM_LABELS if custom_labels else label).inc()
+        if changed:
+            self.changed.labels(model, method).inc()
+        else:
+            self.changed.labels(model, method)  # export the zero so rate() has a series
+        if image_features is not None:
+            distance = self.drift.update(image_features)
+            if distance is not None:
+                self.embedding_shift.labels(model).observe(max(distance, 0.0))
+
+    def render(self) -> bytes:
+        """Text exposition of this process (or, in multiprocess mode, of all workers)."""
+        return generate_latest(scrape_registry(self.registry))
+
+
+def scrape_registry(local: CollectorRegistry) -> CollectorRegistry:
+    """What an exporter serves: the merged files of all workers in multiprocess mode, else `local`."""
+    if not multiprocess_enabled():
+        return local
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+class Exporter:
+    """Serve /metrics on `address:port` from whichever worker binds it; the others keep trying.
+
+    TorchServe restarts dead workers, so the worker holding the port can disappear; retrying every
+    `retry_s` seconds lets a surviving worker take the port over.
+    """
+
+    def __init__(self, port: int, address: str = "127.0.0.1", registry: CollectorRegistry | None = None,
+                 retry_s: float = 5.0) -> None:
+        self.port = port
+        self.address = address
+        self.registry = scrape_registry(registry or CollectorRegistry())
+        self.retry_s = retry_s
+        self.serving = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Exporter:
+        if self.try_bind():
+            return self
+        self._thread = threading.Thread(target=self._retry, name="tta-metrics-exporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def try_bind(self) -> bool:
+        try:
+            start_http_server(self.port, addr=self.address, registry=self.registry)
+        except OSError as exc:
+            log.debug("metrics port %s:%s busy (%s); another worker serves it", self.address, self.port, exc)
+            return False
+        self.serving.set()
+        log.info("serving tta metrics on http://%s:%s/metrics", self.address, self.port)
+        return True
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.retry_s):
+            if self.try_bind():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def prepare_multiprocess_dir(path: str | os.PathLike[str], wipe: bool = False) -> Path:
+    """Create the shared directory; `wipe` drops files of a previous server (do it once, at start)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    if wipe:
+        for item in directory.glob("*.db"):
+            item.unlink(missing_ok=True)
+    return directory
+
+
+def sample_values(text: str, name: str, labels: Mapping[str, str] | None = None) -> Iterable[float]:
+    """Values of samples called `name` whose labels include `labels` (for tests and debugging)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = dict(labels or {})
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in wanted.items()):
+                yield sample.value
