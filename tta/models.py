@@ -37,13 +37,22 @@ log = logging.getLogger(__name__)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# A few-M-parameter CLIP that builds in ~0.1 s; the text tower keeps CLIP's real tokenizer.
-TINY_CLIP_CONFIG: dict[str, Any] = dict(
-    embed_dim=64,
-    vision_cfg=dict(image_size=64, layers=2, width=64, patch_size=16, head_width=32),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-)
+# Our architectures, as open_clip JSON configs (configuration as data): `TTA-Tiny` is a
+# ~3.4 M parameter CLIP that builds in ~0.1 s and keeps CLIP's real tokenizer.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_ARCH = "TTA-Tiny"
 RANDOM_SEED = 0
+_configs_registered = False
+
+
+def register_model_configs() -> None:
+    """Make our architectures known to open_clip (idempotent)."""
+    global _configs_registered
+    if not _configs_registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _configs_registered = True
 
 
 @dataclass
@@ -158,17 +167,10 @@ def _wrap(model: torch.nn.Module, preprocess: Any, tokenizer: Any, name: str, **
     )
 
 
-def _build_tiny_random() -> ClipModel:
-    import open_clip
-
-    with _seeded(RANDOM_SEED):
-        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
-    return _wrap(model, None, _tokenizer_for("ViT-B-32"), "tiny-random", source="builtin")
-
-
 def _build_arch_random(arch: str, spec: str) -> ClipModel:
     import open_clip
 
+    register_model_configs()
     if arch not in open_clip.list_models():
         raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
     with _seeded(RANDOM_SEED):
@@ -179,6 +181,7 @@ def _build_arch_random(arch: str, spec: str) -> ClipModel:
 def _build_from_checkpoint(arch: str, path: str, spec: str) -> ClipModel:
     import open_clip
 
+    register_model_configs()
     if arch not in open_clip.list_models():
         raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
     if not Path(path).is_file():
@@ -196,7 +199,11 @@ def _build_from_hub(name: str, spec: str, pretrained: str | None) -> ClipModel:
     online = hub_reachable()
     try:
         with _hub_offline(not online):
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            if name.startswith("hf-hub:"):  # open_clip would fall back to random weights: check first
+                open_clip.pretrained.download_pretrained_from_hf(name[len("hf-hub:"):])
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, require_pretrained=True
+            )
             tokenizer = _tokenizer_for(name)
     except (OSError, RuntimeError, ValueError) as exc:
         raise _unavailable(spec, f"the Hugging Face cache {_hub_cache_dir()}", exc) from exc
@@ -218,7 +225,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ClipModel:
         raise ModelUnavailable("empty model name; try 'tiny-random' or 'ViT-B-16:openai'")
     arch, rest = parse_spec(spec)
     if spec == "tiny-random":
-        clip = _build_tiny_random()
+        clip = _build_arch_random(TINY_ARCH, spec)
     elif spec == "tiny-digits":
         from tta.testing.digits import load_digits_clip
 
@@ -237,6 +244,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ClipModel:
     else:
         import open_clip
 
+        register_model_configs()
         if arch not in open_clip.list_models():
             raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'")
         if not open_clip.get_pretrained_cfg(arch, rest):

@@ -100,8 +100,9 @@ def make_views(
     """uint8 [3, H, W] -> normalised float [n_views, 3, size, size]; view 0 is the original."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = torch.device(device) if device is not None else image.device
-    image = limit_resolution(image.to(device), size)
-    original = base_view(image, size)
+    image = image.to(device)
+    original = base_view(image, size)  # exact CLIP preprocessing of the full-resolution upload
+    image = limit_resolution(image, size)
     n_aug = spec.n_views - 1
     if n_aug <= 0:
         return normalize(original, mean, std).unsqueeze(0)

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline mode, the tiny models, real photos and the digits data.
+
+Everything is built locally: no test downloads anything. The digits CLIP is trained once and
+cached under $TTA_CACHE_DIR (default ~/.cache/clip-tta), so later runs only load it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SAMPLE_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from tta.models import load_model
+
+    return load_model("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> dict[str, torch.Tensor]:
+    """Real photos shipped with scikit-image, as uint8 [3, H, W] tensors."""
+    from skimage import data
+
+    out = {}
+    for name in SAMPLE_PHOTOS:
+        array = getattr(data, name)()
+        out[name] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return out
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg(tmp_path_factory) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, quality=92)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_clip():
+    from tta.testing.digits import load_digits_clip
+
+    return load_digits_clip("base")
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """(train_images, train_labels, test_images, test_labels) of the fixed digits split."""
+    from tta.testing.digits import digits_split
+
+    return (*digits_split("train"), *digits_split("test"))
