@@ -46,6 +46,7 @@ Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
+from tta import state as tta_state  # noqa: E402
 from tta.engine import Engine, Prediction  # noqa: E402
 from tta.errors import BadRequest, ModelUnavailable, Unavailable  # noqa: E402
 from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
@@ -85,6 +86,7 @@ class ClipTTAHandler(BaseHandler):
         self.max_bytes = int(config.get("max_image_bytes", DEFAULT_MAX_BYTES))
         self.spec = str(config.get("model", "tiny-random"))
 
+        self._configure_state(config)
         labels_file = config.get("labels_file")
         names = load_labels(model_dir / labels_file) if labels_file else load_labels(config["labels"])
         labels = LabelSet.create(names, templates=config.get("templates", "single"))
@@ -104,6 +106,14 @@ class ClipTTAHandler(BaseHandler):
         self.initialized = True
         log.info("clip-tta worker ready: model=%s clip=%s device=%s labels=%d default_method=%s",
                  self.model_name, self.spec, self.device, len(labels), self.engine.default_method)
+
+    def _configure_state(self, config: Mapping[str, Any]) -> None:
+        """Stream-method state: namespaced by the served model; directory/sync from config or env."""
+        changes: dict[str, Any] = {"deployment": self.model_name}
+        for key, field in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every")):
+            if config.get(key) not in (None, ""):
+                changes[field] = config[key]
+        tta_state.configure(**changes)
 
     def _start_exporter(self, config: Mapping[str, Any]) -> Exporter | None:
         port = int(os.environ.get("TTA_METRICS_PORT", config.get("metrics_port", 8083)))
@@ -267,12 +277,12 @@ class ClipTTAHandler(BaseHandler):
             engine.reset_state(method)
             return {**base, "reset": True, "state": engine.state_summary(method)}
         if action == "export":
-            return {**base, "state": engine.export_state(method)}
+            return {**base, "state": _encode_state(engine.export_state(method))}
         if action == "import":
             state = payload.get("state")
             if not isinstance(state, dict):
                 raise _bad("'state' must be the JSON object an 'export' returned", code="bad_state")
-            engine.import_state(method, state)
+            engine.import_state(method, _decode_state(state))
             return {**base, "imported": True, "state": engine.state_summary(method)}
         label = payload.get("label")
         if not isinstance(label, str):
@@ -420,6 +430,39 @@ def _lower_headers(context: Any, idx: int) -> dict[str, str]:
     except (AttributeError, IndexError, TypeError):
         return {}
     return {str(k).lower(): v for k, v in headers.items() if isinstance(v, str)}
+
+
+TENSOR_TAG = "__tensor__"
+
+
+def _encode_state(value: Any) -> Any:
+    """Exported state as JSON: tensors become {"__tensor__": dtype, "shape", "b64"}, bit-exact."""
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().contiguous().numpy()
+        return {TENSOR_TAG: str(array.dtype), "shape": list(array.shape),
+                "b64": base64.b64encode(array.tobytes()).decode("ascii")}
+    if isinstance(value, Mapping):
+        return {str(k): _encode_state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode_state(v) for v in value]
+    return value
+
+
+def _decode_state(value: Any) -> Any:
+    """Inverse of `_encode_state` for an 'import' request; malformed tensors are the caller's error."""
+    if isinstance(value, dict) and TENSOR_TAG in value:
+        import numpy as np
+
+        try:
+            array = np.frombuffer(base64.b64decode(value["b64"], validate=True), dtype=np.dtype(value[TENSOR_TAG]))
+            return torch.from_numpy(array.reshape(value["shape"]).copy())
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise _bad(f"malformed tensor in 'state': {exc}", code="bad_state") from exc
+    if isinstance(value, dict):
+        return {k: _decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_state(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -22,11 +22,19 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so exporters stay light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +85,16 @@ class EmbeddingDrift:
     def frozen(self) -> bool:
         return self._count >= self.reference_size
 
-    def update(self, feature: torch.Tensor) -> float | None:
-        """Distance of `feature` to the reference so far (None for the very first feature)."""
+    def update(self, feature: torch.Tensor) -> float:
+        """Distance of `feature` to the reference so far (0 for the first: it is the reference)."""
+        import torch
+        import torch.nn.functional as F
+
         f = F.normalize(feature.detach().float().flatten().cpu(), dim=0)
         with self._lock:
             if self._sum is not None and self._sum.shape != f.shape:
                 self._sum, self._count = None, 0  # another model's features: start a new reference
-            distance = None
+            distance = 0.0
             if self._sum is not None:
                 reference = F.normalize(self._sum, dim=0)
                 distance = float(1.0 - torch.dot(reference, f))
@@ -164,9 +175,7 @@ class ServingMetrics:
         else:
             self.changed.labels(model, method)  # export the zero so rate() has a series
         if image_features is not None:
-            distance = self.drift.update(image_features)
-            if distance is not None:
-                self.embedding_shift.labels(model).observe(max(distance, 0.0))
+            self.embedding_shift.labels(model).observe(max(self.drift.update(image_features), 0.0))
 
     def render(self) -> bytes:
         """Text exposition of this process (or, in multiprocess mode, of all workers)."""

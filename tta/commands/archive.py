@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--metrics-port", type=int, default=8083,
                         help="port of the tta metrics exporter; 0 disables; env TTA_METRICS_PORT wins")
+    parser.add_argument("--state-dir", help="folder for stream-method state snapshots (default: env TTA_STATE_DIR)")
+    parser.add_argument("--state-sync", choices=("shared", "interval"),
+                        help="how workers share stream state (default: env TTA_STATE_SYNC or shared)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
@@ -90,6 +93,8 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "metrics_port": args.metrics_port,
             "metrics_address": "127.0.0.1",
             "warmup": not args.no_warmup,
+            "state_dir": args.state_dir,
+            "state_sync": args.state_sync,
         },
     }
 
