@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from tta.features import encode_images
 from tta.methods.base import MethodInput
-from tta.methods.tpt import TPT, PromptCache, TPTOptions, autocast_dtype, backward_in_chunks, resolve_chunk, tune_prompt
+from tta.methods.tpt import (
+    TPT,
+    PromptCache,
+    TPTOptions,
+    autocast_dtype,
+    backward_in_chunks,
+    resolve_chunk,
+    tune_prompt,
+)
 from tta.prompts import PromptLearner
 from tta.text import LabelSet, TextFeatureCache
 from tta.timing import StageTimer
