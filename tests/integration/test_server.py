@@ -172,6 +172,15 @@ def test_tritonclient_liveness_and_v2_inference(server: TorchServe, photos: dict
     rest = post_json(server, {"image": b64(photos["rocket"])}).json()
     assert [t["label"] for t in rest["top_k"]] == [x.decode() if isinstance(x, bytes) else x for x in answers[0][0]]
 
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([b64(photos["coffee"]).encode()], dtype=object), binary_data=False)
+    chosen = client.infer(MODEL, [image], headers=server.auth,
+                          parameters={"method": "zero", "top_k": 3, "options": '{"n_views": 4}'})
+    assert chosen.as_numpy("labels").shape == (1, 3)
+    direct = post_json(server, {"image": b64(photos["coffee"]), "method": "zero", "top_k": 3,
+                                "options": {"n_views": 4}}).json()
+    assert np.allclose(chosen.as_numpy("probabilities")[0], [t["score"] for t in direct["top_k"]])
+
     bad = triton.InferInput("image", [1], "BYTES")
     bad.set_data_from_numpy(np.array([b"not an image"], dtype=object), binary_data=True)
     with pytest.raises(InferenceServerException) as error:
