@@ -130,6 +130,8 @@ class ClipTTAHandler(BaseHandler):
     # --- TorchServe entry point --------------------------------------------------------------
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """One JSON string per request; errors set that request's status only."""
+        if len(data) > 1:
+            log.info("batch of %d requests", len(data))
         return [self._handle_one(idx, row, context) for idx, row in enumerate(data)]
 
     def _handle_one(self, idx: int, row: Mapping[str, Any], context: Any) -> str:

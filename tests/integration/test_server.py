@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,12 +90,19 @@ def test_batch_with_one_bad_image_fails_only_that_request(server: TorchServe, ph
         barrier.wait(timeout=30)  # all four reach the 200 ms batch window together
         return requests.post(server.predict_url, data=body, headers=server.auth, timeout=120)
 
+    log = server.workdir / "logs" / "model_log.log"
+    seen = log.read_text(errors="replace").count("batch of ") if log.is_file() else 0
     with ThreadPoolExecutor(len(bodies)) as pool:
         replies = list(pool.map(send, bodies))
     assert [r.status_code for r in replies] == [200, 200, 400, 200], [r.text for r in replies]
     assert replies[2].json()["error"] == "not_an_image"
     for reply in (replies[0], replies[1], replies[3]):
         check_answer(reply.json(), "zeroshot")
+    # the handler logs each multi-request batch: the four shared at least one
+    deadline = time.monotonic() + 15
+    while log.read_text(errors="replace").count("batch of ") <= seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text(errors="replace").count("batch of ") > seen, "no request was batched"
 
 
 def _bomb_png() -> bytes:
