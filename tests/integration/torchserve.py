@@ -37,7 +37,9 @@ def free_port() -> int:
 def build_archive(out: Path, name: str, *extra: str) -> Path:
     """`tta archive` through its real command line."""
     cmd = [str(BIN / "tta"), "archive", "--model", "tiny-random", "--name", name, "--out", str(out), "-f", *extra]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    tmp = out.parent / f"{name}-archiver-tmp"  # the archiver stages in $TMPDIR/<name>: keep it private
+    tmp.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     return out / f"{name}.mar"
 
 
