@@ -125,6 +125,7 @@ class ClassQueues:
     def clear(self) -> None:
         self._queues.clear()
         self._total = 0
+        self._seq = 0
         self._stacked = None
 
     def entries(self, cls: int) -> list[Entry]:
