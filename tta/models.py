@@ -102,6 +102,18 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    """open_clip warns on the root logger when it builds random weights on purpose."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
@@ -173,7 +185,7 @@ def _build_arch_random(arch: str, spec: str) -> ClipModel:
     register_model_configs()
     if arch not in open_clip.list_models():
         raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
-    with _seeded(RANDOM_SEED):
+    with _seeded(RANDOM_SEED), _quiet_root_warnings():  # "no pretrained weights" is the point here
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     return _wrap(model, preprocess, _tokenizer_for(arch), spec, source="random", arch=arch)
 
@@ -199,8 +211,14 @@ def _build_from_hub(name: str, spec: str, pretrained: str | None) -> ClipModel:
     online = hub_reachable()
     try:
         with _hub_offline(not online):
-            if name.startswith("hf-hub:"):  # open_clip would fall back to random weights: check first
+            # resolve the weights before building the architecture: a miss fails in seconds, and
+            # open_clip would otherwise fall back to random weights for hf-hub ids
+            if name.startswith("hf-hub:"):
                 open_clip.pretrained.download_pretrained_from_hf(name[len("hf-hub:"):])
+            elif pretrained:
+                cfg = open_clip.get_pretrained_cfg(name, pretrained)
+                if not open_clip.pretrained.download_pretrained(cfg):
+                    raise RuntimeError(f"no download source for {name}:{pretrained}")
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, require_pretrained=True
             )

@@ -37,7 +37,13 @@ def imagenet_classnames() -> tuple[str, ...]:
     """ImageNet-1k class names as curated by open_clip (CLIP paper naming)."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    return tuple(IMAGENET_CLASSNAMES)
+    names = list(IMAGENET_CLASSNAMES)
+    # CLIP's list names two pairs of distinct classes alike; label sets must be unique
+    renames = {744: ("missile", "projectile"), 837: ("sunglasses", "dark glasses")}
+    for index, (old, new) in renames.items():
+        if names[index] == old and names.count(old) > 1:
+            names[index] = new
+    return tuple(names)
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:

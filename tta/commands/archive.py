@@ -117,18 +117,9 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     return method_defaults
 
 
-# open_clip's curated ImageNet names repeat two classes; WordNet names the second ones apart
-# (n04008634 "projectile, missile"; n04356056 "sunglasses, dark glasses, shades").
-IMAGENET_RENAMES = {744: "projectile", 837: "dark glasses"}
-
-
 def default_labels() -> tuple[str, ...]:
-    """ImageNet-1k class names, made unique so every class keeps its index."""
-    names = list(imagenet_classnames())
-    for index, name in IMAGENET_RENAMES.items():
-        if names.count(names[index]) > 1:
-            names[index] = name
-    return load_labels(names)
+    """ImageNet-1k class names (made unique by `imagenet_classnames`), so every class keeps its index."""
+    return load_labels(list(imagenet_classnames()))
 
 
 def handler_path() -> Path:

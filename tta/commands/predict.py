@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         from tta.methods.base import get_method_class
 
-        get_method_class(args.method)  # fail on an unknown method before loading any weights
         names = load_labels(args.labels_file) if args.labels_file else load_labels(args.labels)
         labels = LabelSet.create(names, templates=args.templates)
         options = parse_option_pairs(args.option)
+        # fail on an unknown method or a bad option before loading any weights
+        get_method_class(args.method).Options.from_dict(options)
         device = resolve_device(args.device)
         images = [(path, load_image_file(path)) for path in args.images]
         engine = Engine(load_model(args.model, device=device), labels, default_method=args.method)
-        engine.method(args.method).parse_options(options)
         for path, image in images:
             prediction = engine.predict(image, options=options, top_k=args.top_k, seed=args.seed)
             print(json.dumps({"image": path, **prediction.to_dict()}), flush=True)

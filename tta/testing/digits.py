@@ -32,12 +32,12 @@ DIGIT_CLASSNAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
 IMAGE_SIZE = 64
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 SHIFT_KINDS = ("noise", "blur", "contrast", "rotate")
 
 _CONFIGS = {
-    "base": dict(width=64, layers=2, epochs=10, shift_augment=False, seed=0, lr=5e-4),
-    "strong": dict(width=96, layers=3, epochs=16, shift_augment=True, seed=1, lr=5e-4),
+    "base": dict(width=64, layers=2, epochs=30, shift_augment=False, seed=0, lr=1e-3),
+    "strong": dict(width=96, layers=3, epochs=40, shift_augment=True, seed=1, lr=1e-3),
 }
 
 
@@ -124,7 +124,7 @@ def build_digits_model(width: int, layers: int) -> torch.nn.Module:
 
     return open_clip.CLIP(
         embed_dim=64,
-        vision_cfg=dict(image_size=IMAGE_SIZE, layers=layers, width=width, patch_size=8, head_width=32),
+        vision_cfg=dict(image_size=IMAGE_SIZE, layers=layers, width=width, patch_size=16, head_width=32),
         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
     )
 
