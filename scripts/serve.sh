@@ -33,8 +33,8 @@ say() { printf 'serve: %s\n' "$*" >&2; }
 # 1. install
 if [[ "${SKIP_SYNC:-0}" != "1" ]]; then
     if ! command -v uv >/dev/null 2>&1; then
-        say "uv is not installed: see https://docs.astral.sh/uv/ (or set SKIP_SYNC=1 with .venv ready)"
-        exit 1
+        say "installing uv (python3 -m pip install uv)"
+        python3 -m pip install --quiet uv || { say "could not install uv; set SKIP_SYNC=1 with .venv ready"; exit 1; }
     fi
     say "installing the environment (uv sync)"
     uv sync --frozen

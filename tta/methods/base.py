@@ -58,41 +58,51 @@ class MethodOptions:
         return dataclasses.asdict(self)
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise TypeError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError
+    out = float(value)
+    if out != out or out in (float("inf"), float("-inf")):
+        raise TypeError
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+_SCALARS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Coerce a JSON value to the field's type, or raise BadRequest naming the option."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal and value not in args:
+        raise BadRequest(f"option '{name}' must be one of {list(args)}, got {value!r}", code="bad_options")
     try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-                return value.lower() in ("true", "1")
-            raise TypeError
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise TypeError
-            out = float(value)
-            if out != out or out in (float("inf"), float("-inf")):
-                raise TypeError
-            return out
-        if hint is str:
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if origin is Literal:
-            if value not in args:
-                raise BadRequest(f"option '{name}' must be one of {list(args)}, got {value!r}", code="bad_options")
-            return value
+        if hint in _SCALARS:
+            return _SCALARS[hint](value)
         if origin is tuple:
             if not isinstance(value, list | tuple):
                 raise TypeError

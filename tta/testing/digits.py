@@ -47,9 +47,8 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=2)
 def _split_indices() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.model_selection import train_test_split
-
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     target = load_digits().target
     train_idx, test_idx = train_test_split(range(len(target)), test_size=0.3, random_state=0, stratify=target)
