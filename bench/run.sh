@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Reproduce bench/results/latest.json and the README performance table with one command.
+#   bash bench/run.sh                 # full plan: 10/100/300/1000 classes x 16/64 views (hours on 2 cores)
+#   bash bench/run.sh --quick         # smoke run in seconds (tiny-random)
+# The committed table was made with the reduced plan in bench/README.md (RUN_ARGS below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+if [[ "${1:-}" == "--committed" ]]; then
+  shift
+  set -- --jobs 2 --requests 2 --baseline-requests 2 --side-classes 10,1000 --onnx-classes 100 \
+         --methods zeroshot,zero,tpt,tda "$@"
+fi
+exec "$PY" -m bench.run "$@"
