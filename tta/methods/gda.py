@@ -175,7 +175,11 @@ class GDA(StreamStateMixin, Method):
 
     # --- state ----------------------------------------------------------------------------
     def _export_state(self) -> dict[str, Any]:
-        return {"support": self.support.state_dict(), "pseudo": self.pseudo.state_dict(),
+        fit = None
+        if self._fit is not None:
+            fit = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self._fit.items()}
+        return {"support": self.support.state_dict(), "pseudo": self.pseudo.state_dict(), "fit": fit,
+                "text": None if self._text is None else self._text.cpu(), "pseudo_since_refit": self._pseudo_since_refit,
                 "examples": self._examples, "feedback": [self.feedback_total, self.feedback_correct]}
 
     def _import_state(self, state: Any) -> None:
@@ -183,12 +187,17 @@ class GDA(StreamStateMixin, Method):
         self.pseudo.load_state_dict(state["pseudo"])
         self._examples = int(state.get("examples", 0))
         self.feedback_total, self.feedback_correct = (int(v) for v in state.get("feedback", [0, 0]))
-        self._fit = None  # refit lazily (needs the text features of the label set)
+        fit = state.get("fit")
+        self._fit = None if fit is None else {k: (v.to(self.clip.device) if isinstance(v, torch.Tensor) else v)
+                                              for k, v in fit.items()}
+        self._text = state.get("text")
+        self._pseudo_since_refit = int(state.get("pseudo_since_refit", 0))
 
     def _clear_state(self) -> None:
         self.support.clear()
         self.pseudo.clear()
         self._fit = None
+        self._text = None
         self._examples = 0
         self._pseudo_since_refit = 0
         self.feedback_total = self.feedback_correct = 0
