@@ -113,6 +113,18 @@ def _method_options(method: str, n_views: int) -> dict[str, Any]:
     return {"n_views": n_views} if "n_views" in fields else {}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across exec,
+    so a worker forked from a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 _MODELS: dict[str, Any] = {}
 
 
@@ -171,7 +183,7 @@ def run_config(cfg: Config) -> Record:
             latencies.append(time.perf_counter() - start)
             top1.append(int(pred.probs.argmax()))
             probs.append(pred.probs.tolist())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    peak = peak_rss_mb()
     return Record(cfg.method, cfg.impl, cfg.model, cfg.n_classes, cfg.n_views, str(clip.device),
                   statistics.median(latencies), round(peak, 1), None, first, latencies, top1, probs=probs)
 
@@ -202,7 +214,7 @@ def run_in_subprocess(cfg: Config, timeout_s: float) -> Record:
     cmd = [sys.executable, "-m", "bench.run", "--worker", json.dumps(asdict(cfg))]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=_worker_env())
     except subprocess.TimeoutExpired:
         return _failed(cfg, f"timeout after {timeout_s:.0f} s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -214,6 +226,14 @@ def run_in_subprocess(cfg: Config, timeout_s: float) -> Record:
     log.info("%-9s %-8s C=%-5d V=%-3d %.3f s  %.0f MB  (%.0f s wall)", cfg.method, cfg.impl, cfg.n_classes,
              cfg.n_views, record.latency_s_median, record.peak_rss_mb, time.perf_counter() - start)
     return record
+
+
+def _worker_env() -> dict[str, str]:
+    """Workers may cache bytecode (outside the venv): compiling torch on every start costs ~20 s."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(CACHE / "pycache"))
+    return env
 
 
 def _failed(cfg: Config, reason: str) -> Record:
