@@ -225,8 +225,14 @@ def configure(config: StateConfig | None = None, **changes: Any) -> StateConfig:
             _config = None
         else:
             base = config if config is not None else previous
-            if "directory" in changes and changes["directory"] is not None:
+            if changes.get("directory") not in (None, ""):
                 changes["directory"] = Path(changes["directory"])
+            elif "directory" in changes:
+                changes["directory"] = None
+            if "every" in changes:
+                changes["every"] = max(1, int(changes["every"]))
+            if "sync" in changes and changes["sync"] not in ("shared", "interval"):
+                raise ValueError(f"state sync must be 'shared' or 'interval', not {changes['sync']!r}")
             _config = replace(base, **changes)
         return previous
 
@@ -315,15 +321,27 @@ class StateStore:
             os.close(fd)
 
     def acquire_owner(self) -> int | None:
-        """Hold the lock for the process lifetime (interval mode); the fd, or None if another holds it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        """Hold the lock for the process lifetime; the fd, or None if another *process* holds it.
+
+        Ownership is per process: instances in the owning process share its fd (released at exit).
+        """
+        key = str(self.lock_path.resolve())
+        with _owner_lock:
+            if key in _owned:
+                return _owned[key]
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            _owned[key] = fd
+            return fd
+
+
+_owned: dict[str, int] = {}
+_owner_lock = threading.Lock()
 
 
 def dumps(state: Mapping[str, Any], generation: int = 0) -> bytes:
@@ -424,6 +442,17 @@ class StreamState:
         self._owner_fd: int | None = None
         self._lock = threading.RLock()
         self.store: StateStore | None = None
+        self._needs_owner = False
+        if self.config.directory is None and self.config.deployment != "default":
+            # A served model without a state directory keeps state in this process only: make sure
+            # it is the only process serving it, so no client sees two diverging states.
+            self._needs_owner = True
+            owners = StateStore(Path(tempfile.gettempdir()) / "clip-tta-owners", f"{self.config.deployment}.{method}")
+            self._owner_fd = owners.acquire_owner()
+            if self._owner_fd is None:
+                log.warning("another worker process serves '%s' of deployment %s with per-process state (%s); "
+                            "this worker will refuse '%s' requests", method, self.config.deployment,
+                            owners.lock_path, method)
         if self.config.directory is not None:
             self.store = StateStore(self.config.directory, f"{self.config.deployment}.{method}")
             if self.config.sync == "interval":
@@ -446,6 +475,8 @@ class StreamState:
                        last_save_bytes=self.stats.last_save_bytes)
             if self.mode == "interval":
                 out.update(every=self.config.every, owner=self._owner_fd is not None)
+        if self._needs_owner:
+            out["owner"] = self._owner_fd is not None
         if self.stats.warnings:
             out["warnings"] = list(self.stats.warnings[-3:])
         return out
@@ -491,6 +522,11 @@ class StreamState:
         """Run a read-modify-write of the state under this mode's rules."""
         with self._lock:
             if self.store is None:
+                if self._needs_owner and self._owner_fd is None:
+                    raise Unavailable(
+                        f"stream method '{self.method}' keeps its state in one worker process and another worker "
+                        f"of deployment '{self.config.deployment}' owns it; run one worker for this model "
+                        "(minWorkers=maxWorkers=1) or give it a state directory (state_dir, shared sync)")
                 yield
                 self._dirty = False
                 return
@@ -538,7 +574,12 @@ class StreamState:
         self._updates_since_save = 0
 
     def close(self) -> None:
+        """Give up ownership (tests; a worker keeps it until it exits)."""
         if self._owner_fd is not None:
+            with _owner_lock:
+                for key, fd in list(_owned.items()):
+                    if fd == self._owner_fd:
+                        del _owned[key]
             with contextlib.suppress(OSError):
                 os.close(self._owner_fd)
             self._owner_fd = None

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tta.errors import Unavailable
 from tta.state import ClassQueues, StateConfig, StateStore, StreamState, dumps, loads
 
 
@@ -181,13 +180,37 @@ def test_shared_sync_gives_every_worker_the_same_state(tmp_path: Path) -> None:
     assert c.items == list(range(6)) and c.host.stats.restored
 
 
+OTHER_WORKER = """
+import sys
+from pathlib import Path
+from tta.errors import Unavailable
+from tta.state import StateConfig, StreamState
+directory = None if sys.argv[1] == "-" else Path(sys.argv[1])
+host = StreamState("counter", dict, lambda s: None,
+                   StateConfig(directory=directory, deployment=sys.argv[2], sync=sys.argv[3]))
+try:
+    with host.transaction():
+        pass
+except Unavailable as exc:
+    print("REFUSED", exc)
+else:
+    print("SERVED")
+"""
+
+
+def _other_worker(directory: Path | None, deployment: str, sync: str) -> str:
+    """A second worker process trying to serve the same deployment's stream state."""
+    out = subprocess.run([sys.executable, "-c", OTHER_WORKER, str(directory) if directory else "-", deployment, sync],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    return out.stdout
+
+
 def test_interval_sync_has_one_owner_and_snapshots_every_n(tmp_path: Path) -> None:
     config = StateConfig(directory=tmp_path, deployment="m", sync="interval", every=3)
     owner = _Counter(config)
-    other = _Counter(config)
+    other = None
     try:
-        with pytest.raises(Unavailable, match="one worker"):
-            other.add(1)
+        assert "REFUSED" in _other_worker(tmp_path, "m", "interval")
         for i in range(5):
             owner.add(i)
         assert owner.host.stats.saves == 1  # after 3 updates, not yet after 5
@@ -196,7 +219,7 @@ def test_interval_sync_has_one_owner_and_snapshots_every_n(tmp_path: Path) -> No
         assert loaded["items"] == list(range(5))
     finally:
         owner.host.close()
-        other.host.close()
+    assert other is None and "SERVED" in _other_worker(tmp_path, "m", "interval")  # owner gone: free
 
 
 def test_no_directory_means_process_state_only(tmp_path: Path) -> None:
@@ -205,3 +228,16 @@ def test_no_directory_means_process_state_only(tmp_path: Path) -> None:
     assert counter.host.mode == "process" and counter.host.stats.saves == 0
     assert not any(tmp_path.iterdir())
     assert os.environ.get("TTA_STATE_DIR") is None or True
+
+
+def test_served_model_without_directory_has_one_owner_process(tmp_path: Path) -> None:
+    deployment = f"test-owner-{os.getpid()}-{time.monotonic_ns()}"
+    config = StateConfig(directory=None, deployment=deployment)
+    first, same_process = _Counter(config), _Counter(config)
+    try:
+        first.add(1)
+        same_process.add(1)  # ownership is per process
+        assert first.host.describe()["owner"]
+        assert "REFUSED" in _other_worker(None, deployment, "shared")
+    finally:
+        first.host.close()
