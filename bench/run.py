@@ -371,6 +371,27 @@ def format_table(records: list[Record], rat: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The README table from a saved latest.json (so the README is regenerated, not retyped)."""
+    rat = report["ratios"]
+    speed = {(x["n_classes"], x["n_views"], x["what"].split(" ")[1]): x["speedup"] for x in rat if "speedup" in x}
+    vs_zs = {(x["what"].split(" ")[0], x["what"].split(" ")[1], x["n_classes"], x["n_views"]): x["latency_ratio"]
+             for x in rat if "latency_ratio" in x}
+    lines = ["| method | impl | classes | views | latency p50 (s) | peak RSS (MB) | top-1 = baseline | "
+             "speed-up vs baseline | x zeroshot |", "|---|---|---:|---:|---:|---:|:---:|---:|---:|"]
+    for r in report["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['impl']} | {r['n_classes']} | {r['n_views']} | {r['status']} | | | | |")
+            continue
+        agree = {None: "", True: "yes", False: "**no**"}[r["top1_agrees_with_baseline"]]
+        fast = speed.get((r["n_classes"], r["n_views"], r["impl"])) if r["method"] == "tpt" else None
+        zs = vs_zs.get((r["method"], r["impl"], r["n_classes"], r["n_views"]))
+        lines.append(f"| {r['method']} | {r['impl']} | {r['n_classes']} | {r['n_views']} | "
+                     f"{r['latency_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {agree} | "
+                     f"{'' if fast is None else f'**{fast:.2f}x**'} | {'' if zs is None else f'{zs:.1f}'} |")
+    return "\n".join(lines)
+
+
 def ensure_onnx(model: str) -> Path:
     """Export the model's image encoder once (cached under bench/.cache)."""
     from tta.models import load_model
@@ -414,6 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200, help="seconds per configuration")
     p.add_argument("--out", default=str(RESULTS / "latest.json"))
     p.add_argument("--quick", action="store_true", help="smoke run: tiny-random, 10 classes, in-process")
+    p.add_argument("--markdown", metavar="JSON", help="print the README table of a saved run and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.classes, args.views, args.requests, args.baseline_requests = "tiny-random", "10", "4", 1, 1
@@ -426,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text(encoding="utf-8"))))
+        return 0
     if args.worker:
         record = run_config(Config(**json.loads(args.worker)))
         print(json.dumps(asdict(record)), flush=True)
