@@ -14,7 +14,8 @@ image's hash returns the same variations for a repeated image (off by default).
 
 Pipeline specs: a hub id (default ``lambdalabs/sd-image-variations-diffusers`` at revision
 ``v2.0``, as in the paper), a local folder written by ``pipeline.save_pretrained(...)``, or
-``tiny-random`` (random weights from `tta.testing.tiny_diffusion`, for tests and offline demos).
+``tiny-random`` (random weights from `tta.testing.tiny_diffusion`, for tests and offline demos),
+or ``sd-random`` (the real architecture with random weights, to measure cost on a GPU).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PIPELINE = "lambdalabs/sd-image-variations-diffusers"
 DEFAULT_REVISION = "v2.0"
 TINY_PIPELINE = "tiny-random"
+SD_RANDOM_PIPELINE = "sd-random"  # the real architecture, random weights: cost measurements only
 MAX_LOADED = 2  # generators kept per worker (one per (pipeline, device, dtype))
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -103,10 +105,10 @@ def _unavailable(config: GenerationConfig, cause: BaseException | str) -> ModelU
 def load_pipeline(config: GenerationConfig, device: torch.device) -> Any:
     """The diffusers pipeline on `device`, from the local cache or folder first; ModelUnavailable if absent."""
     dtype = resolve_dtype(config.dtype, device)
-    if config.pipeline == TINY_PIPELINE:
-        from tta.testing.tiny_diffusion import build_tiny_variation_pipeline
+    if config.pipeline in (TINY_PIPELINE, SD_RANDOM_PIPELINE):
+        from tta.testing.tiny_diffusion import build_sd_variation_random, build_tiny_variation_pipeline
 
-        pipe = build_tiny_variation_pipeline()
+        pipe = build_tiny_variation_pipeline() if config.pipeline == TINY_PIPELINE else build_sd_variation_random()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
@@ -226,11 +228,20 @@ class ViewGenerator:
         condition = self._condition(image)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
+        start = time.perf_counter()
+        view_steps = 0  # denoising steps done x views in the batch: the unit of the estimate
+        batch = 0
+
         def check_deadline(*_: Any) -> None:
+            nonlocal view_steps
+            if _:  # called by the pipeline after a denoising step
+                view_steps += batch
             if deadline is not None and time.perf_counter() > deadline:
+                elapsed = (time.perf_counter() - start) * 1000.0
+                # an aborted run still says how slow a step is (a lower bound when nothing finished)
+                self.ms_per_view_step = max(self.ms_per_view_step or 0.0, elapsed / max(view_steps, 1))
                 raise GenerationBudgetExceeded("generation passed its deadline")
 
-        start = time.perf_counter()
         chunks = []
         done = 0
         while done < n_views:

@@ -94,3 +94,36 @@ def build_tiny_variation_pipeline(seed: int = 0) -> Any:
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_sd_variation_random(seed: int = 0) -> Any:
+    """The real lambdalabs architecture (SD 1.x UNet at 512 px, SD VAE, CLIP ViT-L/14 image
+    encoder) with random weights: ~1.2 G parameters, for measuring cost on a GPU without the
+    download. Its images are noise; never serve it."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImageVariationPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512, layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=224, patch_size=14, projection_dim=768,
+        ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True)
+    with _quiet(("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_image_variation",)):
+        pipe = StableDiffusionImageVariationPipeline(
+            vae=vae.eval(), image_encoder=image_encoder.eval(), unet=unet.eval(), scheduler=scheduler,
+            safety_checker=None, feature_extractor=CLIPImageProcessor(), requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
