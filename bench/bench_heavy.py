@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "heavy_latest.json"
 LABELS = ("cat", "dog", "astronaut", "coffee cup", "rocket", "car", "tree", "house", "bird", "fish")
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
-METHODS = ("zeroshot", "tpt", "difftpt", "rlcf", "rlcf-image")
+METHODS = ("zeroshot", "tpt", "difftpt", "difftpt-lite", "rlcf", "rlcf-image")
 
 log = logging.getLogger("bench_heavy")
 
@@ -60,10 +60,13 @@ def _method_options(args: argparse.Namespace, name: str) -> tuple[str, dict[str,
         return name, {}
     if name == "tpt":
         return name, common
-    if name == "difftpt":
-        return name, {**common, "generator": args.generator, "n_generated": args.n_generated,
-                      "max_generated": max(64, args.n_generated), "diffusion_steps": args.diffusion_steps,
-                      "time_budget_ms": 1e9}
+    if name in ("difftpt", "difftpt-lite"):  # lite: a serving-sized budget (few views, few steps)
+        lite = name == "difftpt-lite"
+        return "difftpt", {**common, "generator": args.generator,
+                           "n_generated": args.lite_generated if lite else args.n_generated,
+                           "max_generated": max(64, args.n_generated),
+                           "diffusion_steps": args.lite_steps if lite else args.diffusion_steps,
+                           "time_budget_ms": 1e9}
     variant = "image" if name == "rlcf-image" else "prompt"
     return "rlcf", {**common, "reward_model": args.reward_model, "variant": variant}
 
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-views", type=int, default=64)
     parser.add_argument("--n-generated", type=int, default=63)
     parser.add_argument("--diffusion-steps", type=int, default=50)
+    parser.add_argument("--lite-generated", type=int, default=8, help="difftpt-lite: generated views")
+    parser.add_argument("--lite-steps", type=int, default=10, help="difftpt-lite: diffusion steps")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids spin-wait on a busy box)")
     parser.add_argument("--out", type=Path, default=RESULTS)
