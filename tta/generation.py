@@ -41,6 +41,7 @@ DEFAULT_REVISION = "v2.0"
 TINY_PIPELINE = "tiny-random"
 SD_RANDOM_PIPELINE = "sd-random"  # the real architecture, random weights: cost measurements only
 MAX_LOADED = 2  # generators kept per worker (one per (pipeline, device, dtype))
+ESTIMATE_TTL_S = 60.0  # an older measurement is not trusted: the next request re-measures under its deadline
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -148,6 +149,7 @@ class ViewGenerator:
         self.input_std = tuple(processor.image_std)
         self.native_resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.ms_per_view_step: float | None = None  # last measurement; drives the budget check
+        self.measured_at = 0.0  # time.monotonic() of that measurement
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.cache_hits = 0
@@ -155,10 +157,16 @@ class ViewGenerator:
 
     # --- budget --------------------------------------------------------------------------
     def estimate_ms(self, n_views: int, steps: int) -> float | None:
-        """Expected generation time from the last measured request; None before the first."""
-        if self.ms_per_view_step is None:
+        """Expected generation time from the last measured request; None before the first or
+        when it is older than `ESTIMATE_TTL_S`, so one slow outlier cannot refuse generation
+        forever (refused requests measure nothing): the next request runs under its deadline."""
+        if self.ms_per_view_step is None or time.monotonic() - self.measured_at > ESTIMATE_TTL_S:
             return None
         return self.ms_per_view_step * n_views * steps
+
+    def _measured(self, ms_per_view_step: float) -> None:
+        self.ms_per_view_step = ms_per_view_step
+        self.measured_at = time.monotonic()
 
     # --- cache ---------------------------------------------------------------------------
     @staticmethod
@@ -238,8 +246,8 @@ class ViewGenerator:
                 view_steps += batch
             if deadline is not None and time.perf_counter() > deadline:
                 elapsed = (time.perf_counter() - start) * 1000.0
-                # an aborted run still says how slow a step is (a lower bound when nothing finished)
-                self.ms_per_view_step = max(self.ms_per_view_step or 0.0, elapsed / max(view_steps, 1))
+                # an aborted run still measures the current speed (a lower bound when no step finished)
+                self._measured(elapsed / max(view_steps, 1))
                 raise GenerationBudgetExceeded("generation passed its deadline")
 
         chunks = []
@@ -260,7 +268,7 @@ class ViewGenerator:
             done += batch
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         if n_views > 0:
-            self.ms_per_view_step = elapsed_ms / (n_views * steps)
+            self._measured(elapsed_ms / (n_views * steps))
         views = torch.cat(chunks) if chunks else torch.empty(0, 3, out_size or resolution, out_size or resolution,
                                                              dtype=torch.uint8)
         self._store(key, views)

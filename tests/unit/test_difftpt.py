@@ -142,3 +142,14 @@ def test_missing_pipeline_offline_names_it_and_the_local_path_option():
         load_pipeline(GenerationConfig(), torch.device("cpu"))
     with pytest.raises(ModelUnavailable, match="/no/such/folder"):
         get_generator(GenerationConfig(pipeline="/no/such/folder"), "cpu")
+
+
+def test_a_stale_estimate_is_not_trusted_so_generation_recovers(sample_images, monkeypatch):
+    import tta.generation as generation
+
+    config = GenerationConfig(pipeline="tiny-random", steps=1)
+    gen = ViewGenerator(build_tiny_variation_pipeline(), config, torch.device("cpu"))
+    gen.generate(sample_images["coffee"][:, :64, :64].contiguous(), 1)
+    assert gen.estimate_ms(4, 1) == pytest.approx(4 * gen.ms_per_view_step)
+    monkeypatch.setattr(generation, "ESTIMATE_TTL_S", 0.0)
+    assert gen.estimate_ms(4, 1) is None  # one slow outlier cannot refuse generation forever
