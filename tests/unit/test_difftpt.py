@@ -153,3 +153,10 @@ def test_a_stale_estimate_is_not_trusted_so_generation_recovers(sample_images, m
     assert gen.estimate_ms(4, 1) == pytest.approx(4 * gen.ms_per_view_step)
     monkeypatch.setattr(generation, "ESTIMATE_TTL_S", 0.0)
     assert gen.estimate_ms(4, 1) is None  # one slow outlier cannot refuse generation forever
+
+
+def test_unloadable_generator_falls_back_with_the_reason(tiny_clip, sample_images):
+    engine = _engine(tiny_clip, generator="/no/such/sd-folder")
+    body = engine.predict(sample_images["chelsea"], method="difftpt").to_dict()
+    assert body["fallback"] == "generator_unavailable" and "/no/such/sd-folder" in body["fallback_detail"]
+    assert body["generated_views"] == 0
