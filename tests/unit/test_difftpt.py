@@ -17,7 +17,13 @@ from tta.generation import (
     get_generator,
     load_pipeline,
 )
-from tta.methods.difftpt import FALLBACK_DEADLINE, FALLBACK_DISABLED, FALLBACK_OVER_BUDGET, cosine_filter
+from tta.methods.difftpt import (
+    FALLBACK_DEADLINE,
+    FALLBACK_DISABLED,
+    FALLBACK_OVER_BUDGET,
+    cosine_filter,
+    select_views,
+)
 from tta.testing.tiny_diffusion import build_tiny_variation_pipeline
 from tta.text import LabelSet
 
@@ -59,6 +65,21 @@ def test_cosine_filter_keeps_the_views_whose_logits_point_like_the_originals():
     scaled[ranked[0]] *= 50.0
     assert cosine_filter(scaled, 0.8).tolist() == ranked[:8]
     assert cosine_filter(logits[:1], 0.8).numel() == 0
+
+
+def test_views_kept_are_cosine_top_80_percent_plus_original_then_30_percent_lowest_entropy():
+    gen = torch.Generator().manual_seed(11)
+    logits = 4.0 * torch.randn(21, 6, generator=gen)
+    rows = logits.tolist()
+
+    def entropy(row: list[float]) -> float:
+        z = sum(math.exp(v) for v in row)
+        return -sum(math.exp(v) / z * (v - math.log(z)) for v in row)
+
+    by_cosine = sorted(range(1, 21), key=lambda i: _cos(rows[0], rows[i]), reverse=True)[: int(20 * 0.8)]
+    pool = [0] + by_cosine  # 17 views
+    expected = sorted(pool, key=lambda i: entropy(rows[i]))[: int(17 * 0.3)]
+    assert select_views(logits, 0.8, 0.3).tolist() == expected
 
 
 def test_difftpt_runs_the_real_diffusers_pipeline_for_generated_views(tiny_clip, sample_images):

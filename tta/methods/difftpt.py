@@ -41,7 +41,7 @@ from tta.generation import (
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tpt import PromptCache, tune_prompt
 from tta.prompts import DEFAULT_CTX_INIT
-from tta.scoring import n_confident
+from tta.scoring import n_confident, select_confident
 from tta.views import ViewSpec, make_views, normalize
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,14 @@ def cosine_filter(logits: torch.Tensor, fraction: float) -> torch.Tensor:
     cosine = torch.nn.functional.cosine_similarity(logits[1:], logits[:1].expand(others, -1), dim=-1)
     keep = n_confident(others, fraction)
     return torch.argsort(cosine, descending=True)[:keep] + 1
+
+
+def select_views(logits: torch.Tensor, selection_cosine: float, selection_p: float) -> torch.Tensor:
+    """DiffTPT's two filters: the original plus the cosine-kept views, then the `selection_p`
+    lowest-entropy of those. Returns view indices (fixed for all steps, as in the reference)."""
+    original = torch.zeros(1, dtype=torch.long, device=logits.device)
+    candidates = torch.cat([original, cosine_filter(logits, selection_cosine)])
+    return candidates[select_confident(logits[candidates], selection_p)]
 
 
 class Fallback(Exception):
@@ -226,12 +234,9 @@ class DiffTPT(Method):
             with timer.stage("adapt"):
                 with torch.no_grad():
                     initial = scale * feats @ learner.text_features().t()
-                candidates = torch.cat([torch.zeros(1, dtype=torch.long, device=feats.device),
-                                        cosine_filter(initial, opts.selection_cosine)])
-                with torch.enable_grad():
-                    # tune_prompt's own selection is the entropy filter over [original + cosine-kept]
-                    tune_prompt(learner, feats[candidates], scale, opts.selection_p, opts.lr, opts.steps,
-                                opts.weight_decay)
+                selected = select_views(initial, opts.selection_cosine, opts.selection_p)
+                with torch.enable_grad():  # selection_p 1.0: tune_prompt keeps every selected view
+                    tune_prompt(learner, feats[selected], scale, 1.0, opts.lr, opts.steps, opts.weight_decay)
             with timer.stage("predict"), torch.no_grad():
                 probs = (scale * feats[:1] @ learner.text_features().t()).softmax(-1)[0]
         zeroshot = (scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
