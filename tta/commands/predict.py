@@ -59,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
         get_method_class(args.method).Options.from_dict(options)
         device = resolve_device(args.device)
         images = [(path, load_image_file(path)) for path in args.images]
-        engine = Engine(load_model(args.model, device=device), labels, default_method=args.method)
+        # the CLI user is the deployer: --option sets method defaults, including deployment-only
+        # settings (generator, reward_model) that per-request overrides may not touch
+        engine = Engine(load_model(args.model, device=device), labels, default_method=args.method,
+                        method_defaults={args.method: options})
         for path, image in images:
-            prediction = engine.predict(image, options=options, top_k=args.top_k, seed=args.seed)
+            prediction = engine.predict(image, top_k=args.top_k, seed=args.seed)
             print(json.dumps({"image": path, **prediction.to_dict()}), flush=True)
     except TTAError as exc:
         return _fail(str(exc))
