@@ -75,15 +75,16 @@ def test_prediction_uses_cache_updated_with_the_current_sample(tiny_clip, sample
     engine = Engine(tiny_clip, LabelSet.create(LABELS))
     image = sample_images["chelsea"]
     pred = engine.predict(image, method="tda")
-    zs_logits = pred.zeroshot_probs.log()  # softmax-invariant stand-in for the zero-shot logits
     opts = TDAOptions()
-    c = int(pred.zeroshot_probs.argmax())
-    entropy = float(-(pred.zeroshot_probs * pred.zeroshot_probs.log()).sum())
-    expected = zs_logits.clone()
+    # TDA works on 100 * cos (the repo's scale); log p at the model's scale s is s * cos + const
+    logits = (opts.logit_scale / tiny_clip.logit_scale) * pred.zeroshot_probs.log()
+    probs = logits.softmax(-1)
+    c = int(probs.argmax())
+    entropy = float(-(probs * probs.log()).sum())
+    expected = logits.clone()
     expected[c] += opts.pos_alpha  # affinity with itself is 1: alpha * exp(0)
     if opts.neg_entropy[0] < normalized_entropy(entropy, len(LABELS)) < opts.neg_entropy[1]:
-        mask = negative_values(pred.zeroshot_probs, opts.neg_mask)
-        expected -= opts.neg_alpha * mask
+        expected -= opts.neg_alpha * negative_values(probs, opts.neg_mask)
     assert torch.allclose(pred.probs, expected.softmax(-1), atol=1e-5)
     assert engine.state_summary("tda")["positive"]["entries_per_class"] == {LABELS[c]: 1}
 
@@ -116,18 +117,38 @@ def test_export_import_round_trip_gives_identical_predictions(tiny_clip) -> None
         assert torch.equal(a.predict(image, method="tda").probs, b.predict(image, method="tda").probs)
 
 
-def test_snapshot_restored_on_start(tiny_clip, state_dir: Path) -> None:
+def test_snapshot_restored_on_start_and_shared_between_workers(tiny_clip, state_dir: Path) -> None:
     images = _images(8, seed=1)
     a = Engine(tiny_clip, LabelSet.create(LABELS))
     for image in images[:6]:
         a.predict(image, method="tda")
     assert (state_dir / "t.tda.state").is_file()
+    exported = a.export_state("tda")
     restarted = Engine(tiny_clip, LabelSet.create(LABELS))  # a new worker process would do the same
-    assert restarted.state_summary("tda")["persistence"]["restored"]
-    assert restarted.state_summary("tda")["positive"]["total"] == a.state_summary("tda")["positive"]["total"]
-    reference = Engine(tiny_clip, LabelSet.create(LABELS))
-    reference.import_state("tda", a.export_state("tda"))
-    assert torch.equal(restarted.predict(images[7], method="tda").probs, a.predict(images[7], method="tda").probs)
+    summary = restarted.state_summary("tda")
+    assert summary["persistence"]["restored"] and summary["total"] == a.state_summary("tda")["total"]
+    got = restarted.predict(images[7], method="tda")
+    previous = configure(StateConfig())  # an in-process reference with the exported state
+    try:
+        reference = Engine(tiny_clip, LabelSet.create(LABELS))
+        reference.import_state("tda", exported)
+        want = reference.predict(images[7], method="tda")
+    finally:
+        configure(previous)
+    assert torch.equal(got.probs, want.probs)
+    # shared sync: the first worker sees the update the restarted one made
+    assert a.state_summary("tda")["updates"] == restarted.state_summary("tda")["updates"]
+    assert _same_state(a.export_state("tda"), restarted.export_state("tda"))
+
+
+def _same_state(x, y) -> bool:
+    if isinstance(x, torch.Tensor):
+        return torch.equal(x, y)
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_state(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return len(x) == len(y) and all(_same_state(a, b) for a, b in zip(x, y, strict=True))
+    return x == y
 
 
 def test_corrupt_snapshot_starts_empty_with_warning(tiny_clip, state_dir: Path,

@@ -10,7 +10,10 @@ Normalised entropy is the natural-log entropy divided by log2(C), as in the repo
 thresholds carry over. Defaults are `configs/imagenet.yaml` (1 view); on the ImageNet variants
 TDA runs 64 AugMix views and keeps the 10 % most confident (set `n_views=64`).
 
-Differences from the repo: the logit scale is the model's own (100 for OpenAI CLIP); cache
+The cache terms are added to 100 * f T^T as in the repo (`logit_scale`; 100 is OpenAI CLIP's own
+scale; 0 uses the model's), so its entropy thresholds and alphas keep their meaning for models
+trained with another temperature; `zeroshot_probs` use the model's own scale.
+Differences from the repo: cache
 capacities come from the deployment's defaults (a request cannot resize the caches); a total cap
 bounds memory for very large label sets; requests with a label set other than the deployment's
 are answered zero-shot and leave the caches alone.
@@ -52,12 +55,17 @@ class TDAOptions(MethodOptions):
     neg_entropy: tuple[float, float] = (0.2, 0.5)
     neg_mask: tuple[float, float] = (0.03, 1.0)
     max_entries: int = 50_000  # total cap per cache (memory bound for huge label sets)
+    logit_scale: float = 100.0  # the repo's constant; 0 = the model's own
+
+    def scale(self, model_scale: float) -> float:
+        return self.logit_scale if self.logit_scale > 0 else model_scale
 
     def validate(self) -> None:
         check(1 <= self.n_views <= 512, "n_views must be in [1, 512]")
         check(0.0 < self.selection_p <= 1.0, "selection_p must be in (0, 1]")
         check(1 <= self.pos_capacity <= 64 and 1 <= self.neg_capacity <= 64, "capacities must be in [1, 64]")
         check(1 <= self.max_entries <= 1_000_000, "max_entries must be in [1, 1e6]")
+        check(0.0 <= self.logit_scale <= 1000.0, "logit_scale must be in [0, 1000] (0: the model's own)")
         for name in ("pos_alpha", "pos_beta", "neg_alpha", "neg_beta"):
             check(0.0 <= getattr(self, name) <= 1000.0, f"{name} must be in [0, 1000]")
         for name in ("neg_entropy", "neg_mask"):
@@ -119,7 +127,7 @@ class TDA(StreamStateMixin, Method):
     # --- compute --------------------------------------------------------------------------
     def _features(self, request: MethodInput, opts: TDAOptions
                   ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
-        """(feature [d], logits [C], entropy loss, prob map [C], original-view logits [C])."""
+        """(feature [d], logits [C], entropy loss, prob map [C], original-view zero-shot logits [C])."""
         clip = self.clip
         with request.timer.stage("augment"):
             if opts.n_views > 1:
@@ -131,13 +139,14 @@ class TDA(StreamStateMixin, Method):
                                   clip.mean, clip.std).unsqueeze(0)
         with request.timer.stage("encode"):
             feats = encode_images(clip, views)
-        logits = clip.logit_scale * feats @ request.text_features.t()
+        logits = opts.scale(clip.logit_scale) * feats @ request.text_features.t()
+        original = clip.logit_scale * feats[0] @ request.text_features.t()
         if feats.shape[0] == 1:
-            return feats[0], logits[0], float(entropy(logits[0])), logits[0].softmax(-1), logits[0]
+            return feats[0], logits[0], float(entropy(logits[0])), logits[0].softmax(-1), original
         keep = select_confident(logits, opts.selection_p)
         selected = logits[keep]
         return (feats[keep].mean(0), selected.mean(0), float(marginal_entropy(selected)),
-                selected.softmax(-1).mean(0), logits[0])
+                selected.softmax(-1).mean(0), original)
 
     def adapted_logits(self, feature: torch.Tensor, logits: torch.Tensor, opts: TDAOptions) -> torch.Tensor:
         """Zero-shot logits plus the positive and minus the negative cache's affinity."""
@@ -169,7 +178,7 @@ class TDA(StreamStateMixin, Method):
         feature, logits, loss, probs, original = self._features(request, opts)
         zeroshot = original.softmax(-1)
         if not request.is_default_labels:
-            return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
+            return MethodOutput(probs=zeroshot if opts.n_views == 1 else logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
                                 extra={"fallback": "tda keeps state for the deployment's labels only; zero-shot"})
         with request.timer.stage("adapt"), self.host.transaction():
             self._bind_labels(request.labels.names)

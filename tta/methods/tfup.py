@@ -7,7 +7,8 @@ of them whose predictions are closest to the others (smallest sum of KL(p_j || p
 candidates: the class "prototype"), with the class as pseudo-label. A test feature's affinity to a
 cache key is feature-level (cosine) times semantic-level (KL between their predictions, min-max
 scaled to [0, 2]); logits = scale * f T^T + alpha * exp(-beta (1 - A)) V with alpha 0.3, beta 1.
-shots = clamp(int(N * 0.3 / C), 9, 16).
+shots = clamp(int(N * 0.3 / C), 9, 16). The zero-shot term uses the repo's constant 100 (OpenAI
+CLIP's own scale; option `logit_scale`, 0 = the model's), so alpha keeps its meaning.
 
 The paper is transductive (the whole target set is encoded first). As an online server method it
 keeps a bounded buffer of recent request features (per zero-shot class FIFO, `buffer_per_class`,
@@ -62,8 +63,13 @@ class TFUPOptions(MethodOptions):
     buffer_per_class: int = 512
     rebuild_every: int = 16
     min_buffer: int | None = None
+    logit_scale: float = 100.0  # the repo's constant; 0 = the model's own
+
+    def scale(self, model_scale: float) -> float:
+        return self.logit_scale if self.logit_scale > 0 else model_scale
 
     def validate(self) -> None:
+        check(0.0 <= self.logit_scale <= 1000.0, "logit_scale must be in [0, 1000] (0: the model's own)")
         check(0.0 <= self.alpha <= 100.0, "alpha must be in [0, 100]")
         check(0.0 <= self.beta <= 100.0, "beta must be in [0, 100]")
         check(0.0 < self.cache_proportion <= 1.0, "cache_proportion must be in (0, 1]")
@@ -243,7 +249,7 @@ class TFUP(StreamStateMixin, Method):
         """scale * f T^T + alpha * cache logits (zero-shot while there is no cache)."""
         text_used = self._text(text)
         feats = self._image(features)
-        out = self.clip.logit_scale * feats @ text_used.t()
+        out = opts.scale(self.clip.logit_scale) * feats @ text_used.t()
         if self._cache is None:
             return out
         keys = self._cache["keys"]
@@ -278,7 +284,9 @@ class TFUP(StreamStateMixin, Method):
             self._after_update(text, opts, request)
             logits = self.logits(feats, text, opts)[0]
             cached = self._cache is not None
-        extra: dict[str, Any] = {} if cached else {"fallback": "tfup cache not built yet; zero-shot"}
+        extra: dict[str, Any] = {} if cached else {"fallback": f"{self.name} cache not built yet; zero-shot"}
+        if not cached:  # nothing adapted yet (training needs a cache): exactly zero-shot
+            logits = zs_logits
         return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0], extra=extra)
 
 
@@ -376,6 +384,7 @@ class TFUPT(TFUP):
                 optimizer.load_state_dict(self._optimizer.state_dict())
             except (ValueError, KeyError):
                 pass
+        scale = opts.scale(self.clip.logit_scale)
         warmup = self.trained_rounds == 0
         if warmup:
             shots = max(opts.min_shots, int(feats.shape[0] * opts.training_proportion / n_classes))
@@ -389,11 +398,11 @@ class TFUPT(TFUP):
                 text_used = F.normalize((1 - opts.ratio_beta) * text + opts.ratio_beta * residual, dim=-1)
                 if warmup:
                     adapted = F.normalize(opts.ratio_alpha * self.image_adapter(x) + (1 - opts.ratio_alpha) * x, dim=-1)
-                    loss = F.cross_entropy(self.clip.logit_scale * adapted @ text_used.t(), y)
+                    loss = F.cross_entropy(scale * adapted @ text_used.t(), y)
                 else:
                     adapted = F.normalize(opts.ratio_alpha * self.image_adapter(feats)
                                           + (1 - opts.ratio_alpha) * feats, dim=-1)
-                    logits = self.clip.logit_scale * adapted @ text_used.t()
+                    logits = scale * adapted @ text_used.t()
                     assert self._cache is not None
                     keys = self._cache["keys"]
                     values = F.one_hot(self._cache["classes"], n_classes).to(feats.dtype)
