@@ -469,7 +469,7 @@ class StreamState:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "generation": self.stats.generation, "saves": self.stats.saves,
-                               "restored": self.stats.restored}
+                               "restored": self.stats.restored, "worker_pid": os.getpid()}
         if self.store is not None:
             out.update(path=str(self.store.path), last_save_ms=round(self.stats.last_save_ms, 3),
                        last_save_bytes=self.stats.last_save_bytes)
