@@ -24,7 +24,7 @@ from tta.text import LabelSet
 
 SEVERITY = 4
 SHOTS = 16
-GDA_MARGIN = 0.03  # measured about +5 points
+GDA_MARGIN = 0.02  # measured +2.8 points (alpha by CV; the best grid alpha gives +5)
 
 
 def _shifted(split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +60,10 @@ def results(digits_clip) -> dict[str, dict[str, float]]:
     engine = Engine(digits_clip, label_set)
     support, support_labels = _shifted("train", seed=100)
     start = time.perf_counter()
-    for k in range(len(DIGIT_CLASSNAMES)):
-        for i in (support_labels == k).nonzero().flatten()[:SHOTS]:
-            engine.feedback(support[i], DIGIT_CLASSNAMES[k], "gda")
+    per_class = [(support_labels == k).nonzero().flatten()[:SHOTS] for k in range(len(DIGIT_CLASSNAMES))]
+    for shot in range(SHOTS):  # labelled feedback arrives mixed over the classes
+        for k, index in enumerate(per_class):
+            engine.feedback(support[index[shot]], DIGIT_CLASSNAMES[k], "gda")
     feedback_ms = (time.perf_counter() - start) * 1000.0 / (SHOTS * len(DIGIT_CLASSNAMES))
     out["gda"] = _run(engine, "gda", images, labels)
     out["gda"]["feedback_ms"] = feedback_ms

@@ -16,7 +16,8 @@ Fitting, closed form:
 
 Differences from the repo: the paper picks alpha on a validation split; a server has none, so
 by default (`alpha=None`) alpha is chosen from the same grid by 4-fold cross-validation on the
-support set at each refit. The support set is augmented `support_views - 1` times with random
+support set at every refit, or, once it costs more than 50 ms, whenever the fitted set has grown by
+25 % (the closed form itself is refitted every time). The support set is augmented `support_views - 1` times with random
 resized crops (scale 0.5-1) and flips (the repo pools 10 augmented epochs; default here 1 view
 to keep feedback cheap). Classes without any example use their text embedding as the mean.
 Refits run on the feedback path (never on a prediction) or, for pseudo-labels, every
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 ALPHA_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
+CV_GROWTH = 1.25  # an expensive alpha cross-validation reruns when the fitted set grew by 25 %
+CV_BUDGET_MS = 50.0  # below this cost it reruns at every refit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -86,11 +89,19 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int,
 
 
 def shrunk_precision(centered: torch.Tensor) -> torch.Tensor:
-    """The paper's estimator: d * pinv((N - 1) S + tr(S) I), S the sample covariance (N - 1)."""
+    """The paper's estimator: d * pinv((N - 1) S + tr(S) I), S the sample covariance (N - 1).
+
+    The matrix is symmetric positive definite whenever tr(S) > 0, where pinv equals inv; inv is
+    10-20x faster than an eigendecomposition-based pinv on CPU (60 ms vs 1.1 s at d = 512 here).
+    """
     n, d = centered.shape
     cov = torch.cov(centered.t())
     eye = torch.eye(d, dtype=centered.dtype, device=centered.device)
-    return d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * eye, hermitian=True)
+    matrix = (n - 1) * cov + torch.trace(cov) * eye
+    inverse, info = torch.linalg.inv_ex(matrix)
+    if float(torch.trace(cov)) <= 0.0 or int(info) != 0:
+        inverse = torch.linalg.pinv(matrix, hermitian=True)
+    return d * inverse
 
 
 def fit_gda(features: torch.Tensor, labels: torch.Tensor, n_classes: int,
@@ -240,13 +251,21 @@ class GDA(StreamStateMixin, Method):
         n_classes = self._text.shape[0]
         fallback = self._text
         scale = self.clip.logit_scale
-        if opts.alpha is None:
+        previous = self._fit
+        cv_ms = previous.get("cv_ms", 0.0) if previous is not None else 0.0
+        if (opts.alpha is None and previous is not None and cv_ms > CV_BUDGET_MS
+                and previous.get("cv_n", 0) * CV_GROWTH > labels.numel()):
+            alpha, cv_acc, cv_n = previous["alpha"], previous["cv_accuracy"] or float("nan"), previous["cv_n"]
+        elif opts.alpha is None:  # expensive cross-validation reruns only when the support grew by a quarter
+            cv_start = time.perf_counter()
             alpha, cv_acc = choose_alpha(feats, labels, groups, scale * feats @ self._text.t(), n_classes, fallback)
+            cv_n, cv_ms = int(labels.numel()), (time.perf_counter() - cv_start) * 1000.0
         else:
-            alpha, cv_acc = float(opts.alpha), float("nan")
+            alpha, cv_acc, cv_n, cv_ms = float(opts.alpha), float("nan"), 0, 0.0
         weights, bias = fit_gda(feats, labels, n_classes, fallback)
         self._fit = {"weights": weights.to(self.clip.device), "bias": bias.to(self.clip.device), "alpha": alpha,
-                     "cv_accuracy": None if math.isnan(cv_acc) else round(cv_acc, 4), "n": int(labels.numel())}
+                     "cv_accuracy": None if math.isnan(cv_acc) else round(cv_acc, 4), "n": int(labels.numel()),
+                     "cv_n": cv_n, "cv_ms": cv_ms}
         self._pseudo_since_refit = 0
         self.last_refit_ms = (time.perf_counter() - start) * 1000.0
         log.debug("gda refit on %d features in %.1f ms (alpha %s)", labels.numel(), self.last_refit_ms, alpha)
