@@ -249,6 +249,8 @@ class ClipTTAHandler(BaseHandler):
             self.model_name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
             prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
         )
+        if self.engine.method(prediction.method).scope == "stream":
+            m.observe_state(self.model_name, prediction.method, self.engine.state_summary(prediction.method))
 
     def _response(self, prediction: Prediction) -> dict[str, Any]:
         return {**prediction.to_dict(), "model": self.model_name, "model_version": self.model_version,
@@ -266,6 +268,8 @@ class ClipTTAHandler(BaseHandler):
         try:
             result = self._run_action(str(action), method, payload)
             outcome = "ok"
+            if isinstance(result.get("state"), Mapping) and action != "export":
+                self.metrics.observe_state(self.model_name, method, result["state"])
             return result
         finally:
             self.metrics.state_actions.labels(self.model_name, method, str(action), outcome).inc()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -145,7 +146,17 @@ class ServingMetrics:
             "tta_state_actions", "Stream-state operations (state, reset, export, import, feedback) by outcome",
             ["model", "method", "action", "outcome"], registry=r,
         )
+        self.state_entries = Gauge(
+            "tta_stream_state_entries", "Entries held by a stream method's state (cache, buffer, support set)",
+            ["model", "method"], registry=r, multiprocess_mode="max",
+        )
         self.drift = EmbeddingDrift(drift_reference_size)
+
+    def observe_state(self, model: str, method: str, summary: Mapping[str, object]) -> None:
+        """Cache fill of a stream method, from its `state_summary()`."""
+        total = summary.get("total")
+        if isinstance(total, int | float):
+            self.state_entries.labels(model, method).set(float(total))
 
     def observe_stages(self, model: str, method: str, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():

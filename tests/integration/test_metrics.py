@@ -126,3 +126,16 @@ def test_multiprocess_exporter_merges_workers(tmp_path) -> None:
     assert total(samples, "tta_stage_duration_seconds_count", stage="total") == 5
     assert total(samples, "tta_stage_duration_seconds_bucket", stage="total", le="0.01") == 0
     assert total(samples, "tta_stage_duration_seconds_bucket", stage="total", le="0.025") == 5
+
+
+def test_stream_state_size_is_exported(server: TorchServe, photos: dict[str, bytes]) -> None:
+    tta_url = f"http://127.0.0.1:{server.tta_metrics_port}/metrics"
+    post = lambda body: requests.post(server.predict_url, json=body, headers=server.auth, timeout=60)  # noqa: E731
+    assert post({"action": "reset", "method": "tda"}).status_code == 200
+    assert total(scrape(tta_url), "tta_stream_state_entries", model=MODEL, method="tda") == 0
+    for name in ("chelsea", "coffee", "rocket"):
+        assert post({"image": base64.b64encode(photos[name]).decode(), "method": "tda"}).status_code == 200
+    state = post({"action": "state", "method": "tda"}).json()["state"]
+    assert state["total"] > 0
+    assert total(scrape(tta_url), "tta_stream_state_entries", model=MODEL, method="tda") == state["total"]
+    assert post({"action": "reset", "method": "tda"}).status_code == 200
