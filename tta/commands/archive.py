@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="model_store", help="export folder (default: %(default)s)")
     parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="min = max workers; >1 splits stream-method state per worker (default: %(default)s)")
+                        help="min = max workers; with >1, give --state-dir so stream methods share one state "
+                             "(without it the extra workers refuse stream requests with 503) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
     parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to fill a batch (default: %(default)s)")
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds per batch (default: %(default)s)")
