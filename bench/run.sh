@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 if [[ "${1:-}" == "--committed" ]]; then
   shift
-  set -- --jobs 4 --requests 2 --baseline-requests 2 --side-classes 10,1000 --onnx-classes 100 \
+  set -- --jobs 4 --requests 1 --baseline-requests 1 --side-classes 1000 --onnx-classes 100 --large-view-classes 100,300,1000 \
          --methods zeroshot,zero,tpt,tda "$@"
 fi
 exec "$PY" -m bench.run "$@"
