@@ -95,7 +95,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Build random weights deterministically without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -103,15 +103,17 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_root_warnings() -> Iterator[None]:
-    """open_clip warns on the root logger when it builds random weights on purpose."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.ERROR)
+def quiet_loggers(names: tuple[str | None, ...] = (None,)) -> Iterator[None]:
+    """Silence warnings libraries log on purpose-built random models (None = the root logger)."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(previous)
+        for lg, level in zip(loggers, previous, strict=True):
+            lg.setLevel(level)
 
 
 def _hub_endpoint() -> str:
@@ -185,7 +187,7 @@ def _build_arch_random(arch: str, spec: str) -> ClipModel:
     register_model_configs()
     if arch not in open_clip.list_models():
         raise ModelUnavailable(f"unknown open_clip architecture '{arch}' in '{spec}'; see open_clip.list_models()")
-    with _seeded(RANDOM_SEED), _quiet_root_warnings():  # "no pretrained weights" is the point here
+    with seeded(RANDOM_SEED), quiet_loggers():  # "no pretrained weights" is the point here
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     return _wrap(model, preprocess, _tokenizer_for(arch), spec, source="random", arch=arch)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from tta.models import OPENAI_MEAN, OPENAI_STD, ClipModel, _freeze, _seeded, _tokenizer_for
+from tta.models import OPENAI_MEAN, OPENAI_STD, ClipModel, _freeze, _tokenizer_for, seeded
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def train_digits_clip(strength: str = "base") -> torch.nn.Module:
     """Train the tiny digits CLIP from scratch (deterministic for a given strength)."""
     cfg = _CONFIGS[strength]
     tokenizer = _tokenizer_for("ViT-B-32")
-    with _seeded(cfg["seed"]):
+    with seeded(cfg["seed"]):
         model = build_digits_model(cfg["width"], cfg["layers"])
     images, labels = digits_split("train")
     tokens = tokenizer([f"a photo of a {name}." for name in DIGIT_CLASSNAMES])

@@ -8,35 +8,12 @@ so tests and offline demos exercise DiffTPT's generation stage without downloadi
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
-import torch
+from tta.models import quiet_loggers as _quiet
+from tta.models import seeded as _seeded
 
 TINY_RESOLUTION = 32  # pixels; the VAE below downsamples by 2, so latents are 16 x 16
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...]) -> Iterator[None]:
-    """Silence the safety-checker warning diffusers logs for every pipeline built without one."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def build_tiny_variation_pipeline(seed: int = 0) -> Any:
