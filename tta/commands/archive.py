@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parents[1]
 LABELS_NAME = "labels.txt"
+ONNX_NAME = "image_encoder.onnx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
     parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export the image encoder to ONNX into the archive (tta.onnx_encoder); the worker "
+                             "uses it when a load-time timing finds it faster (TTA_ONNX=on|off forces)")
 
 
 def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +100,7 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "warmup": not args.no_warmup,
             "state_dir": args.state_dir,
             "state_sync": args.state_sync,
+            "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
         },
     }
 
@@ -144,6 +149,11 @@ def build_archive(args: argparse.Namespace) -> Path:
         stage = Path(tmp) / "extra"
         shutil.copytree(PACKAGE, stage / "tta", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (stage / LABELS_NAME).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        if getattr(args, "onnx", False):
+            from tta.models import load_model
+            from tta.onnx_encoder import export_image_encoder
+
+            export_image_encoder(load_model(args.model), stage / ONNX_NAME)
         config_path = Path(tmp) / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(model_config(args, method_defaults), sort_keys=False), encoding="utf-8")
         config = ModelArchiverConfig(
