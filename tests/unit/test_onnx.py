@@ -106,3 +106,25 @@ def test_an_export_of_other_weights_is_refused(onnx_path, clip):
             p.add_(0.05 * torch.randn_like(p))
     assert enable_if_faster(other, onnx_path, mode="on") is None
     assert other.image_encoder is None
+
+
+def test_archive_carries_the_exported_encoder(tmp_path, monkeypatch):
+    import tempfile
+    import zipfile
+
+    import yaml
+
+    from tta.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the archiver stages under $TMPDIR/<name>
+    assert main(["archive", "--model", "tiny-random", "--name", "onnxtest", "--out", str(tmp_path / "store"),
+                 "--onnx", "--no-warmup", "-f"]) == 0
+    with zipfile.ZipFile(tmp_path / "store" / "onnxtest.mar") as archive:
+        names = archive.namelist()
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+        assert "image_encoder.onnx" in names
+        assert config["tta"]["image_encoder_onnx"] == "image_encoder.onnx"
+        encoder_bytes = archive.read("image_encoder.onnx")
+    path = tmp_path / "from_archive.onnx"
+    path.write_bytes(encoder_bytes)
+    assert OnnxImageEncoder(path)(torch.zeros(1, 3, 64, 64)).shape == (1, 64)
