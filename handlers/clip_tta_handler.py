@@ -91,6 +91,10 @@ class ClipTTAHandler(BaseHandler):
         names = load_labels(model_dir / labels_file) if labels_file else load_labels(config["labels"])
         labels = LabelSet.create(names, templates=config.get("templates", "single"))
         clip = load_model(self.spec, device=self.device)
+        if config.get("image_encoder_onnx"):  # exported at archive time; used only where measured faster
+            from tta.onnx_encoder import enable_if_faster
+
+            enable_if_faster(clip, model_dir / str(config["image_encoder_onnx"]), mode=str(config.get("onnx", "auto")))
         self.engine = Engine(
             clip, labels,
             default_method=str(config.get("default_method", "zeroshot")),

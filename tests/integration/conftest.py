@@ -44,7 +44,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_archive(
         store, MODEL, "--labels-file", str(labels), "--batch-size", "4", "--max-batch-delay", "200",
         "--workers", "1", "--max-labels", str(MAX_LABELS), "--max-image-pixels", str(MAX_PIXELS),
-        "--method-defaults", '{"tpt": {"n_views": 8}, "zero": {"n_views": 8}}',
+        "--method-defaults", '{"tpt": {"n_views": 8}, "zero": {"n_views": 8}}', "--onnx",
     )
     return store
 

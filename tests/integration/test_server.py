@@ -223,3 +223,9 @@ def test_serve_script_stops_clearly_without_weights(tmp_path: Path) -> None:
     assert "cannot load CLIP weights for 'ViT-B-16:openai'" in run.stderr
     assert "MODEL=tiny-random" in run.stderr
     assert "starting TorchServe" not in run.stderr
+
+
+def test_archived_onnx_encoder_is_checked_and_measured_by_the_worker(server: TorchServe) -> None:
+    """`tta archive --onnx` packs the encoder; the worker checks parity and times it against eager."""
+    logs = "".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("model_log*.log"))
+    assert "image encoder: " in logs and ("image encoder: onnx" in logs or "image encoder: eager" in logs)

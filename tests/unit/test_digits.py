@@ -10,7 +10,7 @@ from tta.text import LabelSet
 
 
 def _accuracy(engine: Engine, images: torch.Tensor, labels: torch.Tensor) -> float:
-    hits = [engine.predict(img, method="zeroshot").label == DIGIT_CLASSNAMES[int(y)] for img, y in zip(images, labels)]
+    hits = [engine.predict(img, method="zeroshot").label == DIGIT_CLASSNAMES[int(y)] for img, y in zip(images, labels, strict=True)]
     return sum(hits) / len(hits)
 
 

@@ -249,6 +249,7 @@ class RLCF(Method):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-            with timer.stage("predict"):
-                adapted = encode_images(clip, views[:1])
+            with timer.stage("predict"), torch.no_grad():
+                # the adapted weights live in the eager model: never the exported (frozen) ONNX encoder
+                adapted = F.normalize(clip.model.encode_image(views[:1]).float(), dim=-1)
                 return (scale * adapted @ text.t()).softmax(-1)[0]
