@@ -129,6 +129,21 @@ class LabelSet:
         return tuple(t.format(self.names[index]) for t in self.templates)
 
 
+def _encode_tokens(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
+    """`encode_text`, run only up to the batch's last end-of-text token when the text tower is
+    open_clip's causal CLIP transformer (positions after EOT cannot change the EOT feature)."""
+    model = clip.model
+    causal_argmax = (getattr(model, "text_pool_type", None) == "argmax" and getattr(model, "attn_mask", None) is not None
+                     and hasattr(model, "token_embedding"))
+    if not causal_argmax:
+        return model.encode_text(tokens)
+    from tta.prompts import encode_text_embeddings
+
+    eot = tokens.argmax(dim=-1)
+    length = int(eot.max()) + 1
+    return encode_text_embeddings(clip, model.token_embedding(tokens[:, :length]), eot)
+
+
 @torch.no_grad()
 def encode_prompts(clip: ClipModel, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Normalised text features of raw prompt strings (frozen text encoder)."""
@@ -136,7 +151,7 @@ def encode_prompts(clip: ClipModel, prompts: Sequence[str], batch_size: int = 25
     chunks = []
     for start in range(0, len(prompts), batch_size):
         tokens = clip.tokenizer(list(prompts[start : start + batch_size])).to(device)
-        chunks.append(F.normalize(clip.model.encode_text(tokens).float(), dim=-1))
+        chunks.append(F.normalize(_encode_tokens(clip, tokens).float(), dim=-1))
     return torch.cat(chunks)
 
 

@@ -47,3 +47,10 @@ def test_text_feature_cache_reuses_per_label_set(tiny_clip):
     cache.get(tiny_clip, LabelSet.create(["x"]))
     cache.get(tiny_clip, LabelSet.create(["y"]))
     assert len(cache) == 2 and cache.hits == 1
+
+
+def test_truncated_prompt_encoding_equals_open_clips_full_length_encode_text(tiny_clip):
+    prompts = ["a photo of a cat.", "a photo of a very small and rather fluffy dog on a sofa.", "x."]
+    full = tiny_clip.model.encode_text(tiny_clip.tokenizer(prompts))
+    full = full / full.norm(dim=-1, keepdim=True)
+    assert torch.allclose(encode_prompts(tiny_clip, prompts), full, atol=1e-5)
