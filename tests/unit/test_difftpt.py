@@ -32,16 +32,6 @@ TINY = {"generator": "tiny-random", "n_generated": 3, "diffusion_steps": 2, "gen
         "n_views": 8, "steps": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; on a shared 2-core box one thread avoids OpenMP spin-wait
-    (measured 20-60x faster under load). Restored afterwards so other modules keep their setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _engine(clip, **overrides) -> Engine:
     return Engine(clip, LabelSet.create(LABELS), method_defaults={"difftpt": {**TINY, **overrides}})
 

@@ -6,22 +6,12 @@ import csv
 import json
 
 import pytest
-import torch
 
 from tta.cli import main
 from tta.engine import Engine
 from tta.images import load_image_file
 from tta.models import load_model
 from tta.text import LabelSet
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's OpenMP barrier waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ from tta.views import ViewSpec, make_views
 LABELS = ("cat", "astronaut", "rocket", "coffee", "dog")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's OpenMP barrier waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def onnx_path(tiny_clip, tmp_path_factory):
     return export_image_encoder(tiny_clip, tmp_path_factory.mktemp("onnx") / "image_encoder.onnx")

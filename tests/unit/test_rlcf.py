@@ -20,16 +20,6 @@ log = logging.getLogger(__name__)
 LABELS = ["cat", "dog", "car", "rocket", "cup"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; on a shared 2-core box one thread avoids OpenMP spin-wait
-    (measured 20-60x faster under load). Restored afterwards so other modules keep their setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _engine(clip, **defaults) -> Engine:
     options = {"reward_model": "tiny-random", "n_views": 8, **defaults}
     return Engine(clip, LabelSet.create(LABELS), method_defaults={"rlcf": options})

@@ -41,15 +41,6 @@ CLASSES = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's OpenMP barrier waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _views(clip, image: torch.Tensor, n_views: int, seed: int) -> torch.Tensor:
     return make_views(image, clip.image_size, clip.mean, clip.std, ViewSpec(n_views=n_views),
                       generator=torch.Generator().manual_seed(seed))
