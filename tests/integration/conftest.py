@@ -51,9 +51,5 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), MODEL)
-    ts.start(model_store, f"{MODEL}.mar")
-    try:
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), MODEL).running(model_store, f"{MODEL}.mar") as ts:
         yield ts
-    finally:
-        ts.stop()

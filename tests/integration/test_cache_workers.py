@@ -34,12 +34,8 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Torc
     labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     build_archive(store, MODEL, "--labels-file", str(labels), "--workers", "2", "--batch-size", "1",
                   "--state-dir", str(state_dir), "--state-sync", "shared", "--no-warmup", "--metrics-port", "0")
-    server = TorchServe(root / "ts", MODEL)
-    server.start(store, f"{MODEL}.mar", timeout_s=300)
-    try:
+    with TorchServe(root / "ts", MODEL).running(store, f"{MODEL}.mar", timeout_s=300) as server:
         yield server, state_dir
-    finally:
-        server.stop()
 
 
 def _post(server: TorchServe, body: dict) -> requests.Response:

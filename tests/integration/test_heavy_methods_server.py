@@ -37,12 +37,8 @@ def heavy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServ
     labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     build_archive(store, MODEL, "--labels-file", str(labels), "--batch-size", "1", "--workers", "1",
                   "--method-defaults", json.dumps(HEAVY_DEFAULTS))
-    ts = TorchServe(tmp_path_factory.mktemp("heavy_torchserve"), MODEL)
-    ts.start(store, f"{MODEL}.mar")
-    try:
+    with TorchServe(tmp_path_factory.mktemp("heavy_torchserve"), MODEL).running(store, f"{MODEL}.mar") as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def _ask(server: TorchServe, photo: bytes, method: str, **body) -> requests.Response:

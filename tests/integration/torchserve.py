@@ -8,6 +8,7 @@ changes only addresses, paths and the model list, so the shipped settings are th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +154,15 @@ class TorchServe:
             if path.is_file():
                 parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
+
+    @contextlib.contextmanager
+    def running(self, model_store: Path, archive: str, timeout_s: float = 240.0) -> Iterator[TorchServe]:
+        """Started for the `with` block, stopped afterwards even when a test fails."""
+        self.start(model_store, archive, timeout_s)
+        try:
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         """`torchserve --stop` (same TMPDIR, so the same pid file), then make sure all is gone."""
