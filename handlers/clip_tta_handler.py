@@ -249,6 +249,8 @@ class ClipTTAHandler(BaseHandler):
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m = self.metrics
         m.observe_stages(self.model_name, prediction.method, prediction.timings_ms)
+        if prediction.extra.get("fallback"):
+            m.observe_fallback(self.model_name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             self.model_name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
             prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
