@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from tta import state as tta_state  # noqa: E402
+from tta.drift import DriftConfig  # noqa: E402
 from tta.engine import Engine, Prediction  # noqa: E402
 from tta.errors import BadRequest, ModelUnavailable, Unavailable  # noqa: E402
 from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
@@ -101,8 +102,9 @@ class ClipTTAHandler(BaseHandler):
             method_defaults=config.get("method_defaults") or {},
             max_labels=int(config.get("max_labels", 1000)),
             seed=int(config.get("seed", 0)),
+            drift=DriftConfig.from_mapping(config),
         )
-        self.metrics = ServingMetrics(drift_reference_size=int(config.get("drift_reference_size", 256)))
+        self.metrics = ServingMetrics()
         self.exporter = self._start_exporter(config)
         if config.get("warmup", True):
             self._warm_up()
@@ -129,7 +131,11 @@ class ClipTTAHandler(BaseHandler):
     def _warm_up(self) -> None:
         """Build the default label set's text features before the first request, not during it."""
         image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
-        self.engine.predict(image, method="zeroshot", top_k=1)
+        drift, self.engine.drift = self.engine.drift, None  # a grey square is no traffic: keep it out of drift
+        try:
+            self.engine.predict(image, method="zeroshot", top_k=1)
+        finally:
+            self.engine.drift = drift
 
     # --- TorchServe entry point --------------------------------------------------------------
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
@@ -174,6 +180,8 @@ class ClipTTAHandler(BaseHandler):
             status, code, message = 503, getattr(exc, "code", "unavailable"), str(exc)
         context.set_response_status(status, PHRASES.get(status, "Error"), idx)
         outcome = "client_error" if status < 500 else "server_error"
+        if isinstance(exc, Unavailable):  # stream state out of reach (ModelUnavailable is not one)
+            self.metrics.observe_state_unavailable(self.model_name, method)
         self.metrics.observe_outcome(self.model_name, method, outcome)
         log.info("request %s -> %d %s: %s", context.get_request_id(idx), status, code, message)
         return json.dumps({"error": code, "message": message})
@@ -253,7 +261,7 @@ class ClipTTAHandler(BaseHandler):
             m.observe_fallback(self.model_name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             self.model_name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
-            prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
+            prediction.changed_by_adaptation, prediction.drift, custom_labels=custom_labels,
         )
         if self.engine.method(prediction.method).scope == "stream":
             m.observe_state(self.model_name, prediction.method, self.engine.state_summary(prediction.method))
