@@ -105,6 +105,7 @@ class ClipTTAHandler(BaseHandler):
             drift=DriftConfig.from_mapping(config),
         )
         self.metrics = ServingMetrics()
+        self.metrics.observe_worker_start(self.model_name)
         self.exporter = self._start_exporter(config)
         if config.get("warmup", True):
             self._warm_up()

@@ -143,6 +143,11 @@ class ServingMetrics:
             "reference_samples": drift_gauge("tta_drift_reference_samples", "Images captured into the drift reference"),
             "reference_ready": drift_gauge("tta_drift_reference_ready", "1 once the drift reference is captured and frozen"),
         }
+        self._declared: set[tuple[str, str]] = set()  # (model, method) with zero-initialised counters
+        self.worker_starts = Counter(
+            "tta_worker_starts", "Worker processes started (TorchServe restarts dead workers: increase() counts restarts)",
+            ["model"], registry=r,
+        )
         self.state_unavailable = Counter(
             "tta_state_unavailable", "Requests whose stream state could not be reached (refused, or answered by a fallback)",
             ["model", "method"], registry=r,
@@ -173,6 +178,9 @@ class ServingMetrics:
         if reason == "state_unavailable":
             self.state_unavailable.labels(model, method).inc()
 
+    def observe_worker_start(self, model: str) -> None:
+        self.worker_starts.labels(model).inc()
+
     def observe_state_unavailable(self, model: str, method: str) -> None:
         """A request refused because its stream state is out of reach (503)."""
         self.state_unavailable.labels(model, method).inc()
@@ -193,6 +201,16 @@ class ServingMetrics:
 
     def observe_outcome(self, model: str, method: str, outcome: str) -> None:
         self.requests.labels(model, method, outcome).inc()
+        if (model, method) not in self._declared:
+            self._declare(model, method)
+
+    def _declare(self, model: str, method: str) -> None:
+        """Export zeros for the rare counters, so rate() sees their first increment (a series that
+        appears at 1 has no earlier sample to rise from) and ratios have a 0 to show."""
+        self._declared.add((model, method))
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(model, method, reason)
+        self.state_unavailable.labels(model, method)
 
     def observe_prediction(
         self,
