@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from monitoring import rules
@@ -70,3 +72,18 @@ def test_expressions_use_only_exported_metrics() -> None:
     assert used and used <= series, used - series
     recorded = {name for expr in exprs for name in re.findall(r"\b(tta:[a-z0-9_:]+)", expr)}
     assert recorded <= set(rules.RECORDING)
+
+
+def test_kustomize_ships_the_rules_and_the_dashboard() -> None:
+    """Both overlays render the generated PrometheusRule and dashboard (the monitoring component)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (kustomize) not installed")
+    for overlay in ("gpu", "cpu"):
+        rendered = subprocess.run([kubectl, "kustomize", str(rules.REPO / "k8s" / "overlays" / overlay)], check=True,
+                                  capture_output=True, text=True, timeout=120).stdout
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        [rule] = [d for d in docs if d["kind"] == "PrometheusRule"]
+        assert rule["spec"] == rules.render_rules()
+        [dashboard] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")]
+        assert json.loads(dashboard["data"]["clip-tta-drift.json"]) == rules.render_dashboard()
