@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import time
@@ -148,9 +149,16 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
 
         # --- shifted traffic until every drift alert fires ----------------------------------------
         shift_at = time.time()
+        clean_max = {}  # over every evaluation of the clean phase, not one instant
+        for name, threshold in DRIFT_SIGNALS.items():
+            series = prom.query_range(name, start, shift_at, 1.0)
+            clean_max[name] = max(float(v) for s in series for _, v in s["values"] if v != "NaN")
+            assert clean_max[name] < threshold, (name, clean_max[name])
         shifted = shift(images[: 4 * WINDOW])
+        sent_shifted = 0
         for chunk in range(0, len(shifted), 32):
             send(digits_server, shifted[chunk: chunk + 32])
+            sent_shifted += len(shifted[chunk: chunk + 32])
             try:
                 prom.wait(lambda: DRIFT_ALERTS <= {n for n, s in prom.alerts().items() if s == "firing"}, 6,
                           "drift alerts firing")
@@ -177,4 +185,9 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
                             marks=[(shift_at, "shifted stream"), (recapture_at, "reference reset")])
         assert picture.stat().st_size > 10_000
         if os.environ.get("TTA_DRIFT_PICTURE"):
-            shutil.copyfile(picture, os.environ["TTA_DRIFT_PICTURE"])
+            target = Path(os.environ["TTA_DRIFT_PICTURE"])
+            shutil.copyfile(picture, target)
+            readings = {"clean_max": clean_max, "before_shift": before, "after_shift": after,
+                        "thresholds": DRIFT_SIGNALS, "reference_size": REFERENCE, "window": WINDOW,
+                        "shifted_images_until_all_firing": sent_shifted}
+            target.with_suffix(".json").write_text(json.dumps(readings, indent=2) + "\n")
