@@ -136,7 +136,8 @@ class ClipTTAHandler(BaseHandler):
         """One JSON string per request; errors set that request's status only."""
         if len(data) > 1:
             log.info("batch of %d requests", len(data))
-        return [self._handle_one(idx, row, context) for idx, row in enumerate(data)]
+        with self.metrics.track_in_flight(self.model_name, len(data)):
+            return [self._handle_one(idx, row, context) for idx, row in enumerate(data)]
 
     def _handle_one(self, idx: int, row: Mapping[str, Any], context: Any) -> str:
         start = time.perf_counter()

@@ -16,11 +16,12 @@ TorchServe frontend's process id, shared by that server's workers and by no othe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,7 +151,21 @@ class ServingMetrics:
             "tta_stream_state_entries", "Entries held by a stream method's state (cache, buffer, support set)",
             ["model", "method"], registry=r, multiprocess_mode="max",
         )
+        self.in_flight = Gauge(
+            "tta_requests_in_flight", "Requests a worker is processing now (a batch counts each of its requests)",
+            ["model"], registry=r, multiprocess_mode="livesum",  # a dead worker's requests stop counting
+        )
         self.drift = EmbeddingDrift(drift_reference_size)
+
+    @contextlib.contextmanager
+    def track_in_flight(self, model: str, count: int = 1) -> Iterator[None]:
+        """Count `count` requests as in flight for the block: a pod's preStop drain waits for zero."""
+        gauge = self.in_flight.labels(model)
+        gauge.inc(count)
+        try:
+            yield
+        finally:
+            gauge.dec(count)
 
     def observe_state(self, model: str, method: str, summary: Mapping[str, object]) -> None:
         """Cache fill of a stream method, from its `state_summary()`."""
