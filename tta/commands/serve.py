@@ -143,7 +143,8 @@ def _torchserve(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise TTAError("--server torchserve runs scripts/serve.sh from a repository checkout; not found")
     env = {**os.environ, "MODEL": args.model, "NAME": args.name, "METHOD": args.method, "TEMPLATES": args.templates,
-           "BATCH_SIZE": str(args.batch_size), "MAX_BATCH_DELAY": str(args.max_batch_delay), "SKIP_SYNC": "1"}
+           "BATCH_SIZE": str(args.batch_size), "MAX_BATCH_DELAY": str(args.max_batch_delay), "SKIP_SYNC": "1",
+           "SERVER": "torchserve"}
     if args.labels_file:
         env["LABELS_FILE"] = str(Path(args.labels_file).resolve())
     if args.method_defaults.strip() not in ("", "{}"):

@@ -287,6 +287,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
     if isinstance(params["labels"], str):
         params["labels"] = parse_json(params["labels"].encode("utf-8"))
     checked = _check_parameters(params)
+    outputs = _requested_outputs(payload.get("outputs"))
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("OIP 'inputs' must be a non-empty list", code="bad_json")
@@ -299,7 +300,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
         image, decode_ms = decode_image_element(element, limits)
         items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
     request_id = payload.get("id")
-    return OipInfer(items, str(request_id) if request_id else None, _requested_outputs(payload.get("outputs")))
+    return OipInfer(items, str(request_id) if request_id else None, outputs)
 
 
 def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
