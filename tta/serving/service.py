@@ -61,7 +61,11 @@ class Service:
     # --- the three phases ------------------------------------------------------------------------
     def decode(self, body: Any, headers: Mapping[str, str] | None = None) -> Decoded:
         """Bytes/text/JSON -> a typed request or a `Failure` (see `tta.serving.codec.decode`)."""
-        return codec.decode(body, headers, self.limits)
+        try:
+            return codec.decode(body, headers, self.limits)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug fails this request only
+            log.exception("request could not be decoded")
+            return codec.failure(exc)
 
     def run(self, request: Decoded) -> Result:
         """Call the Engine for one decoded request; errors become a `Failure`, never an exception."""
@@ -90,7 +94,7 @@ class Service:
         outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
         self.metrics.observe_outcome(self.model.name, method, outcome)
         if isinstance(request, OipInfer):
-            return Reply(200, codec.encode_oip(result, self.model, request.id), method, kind="oip",
+            return Reply(200, codec.encode_oip(result, self.model, request.id, request.outputs), method, kind="oip",
                          predictions=result)
         return Reply(200, codec.encode_prediction(result[0], self.model), method, predictions=result)
 
@@ -102,8 +106,11 @@ class Service:
 
     def handle_batch(self, requests: Sequence[tuple[Any, Mapping[str, str] | None]]) -> list[Reply]:
         """One reply per (body, headers), in order; each request fails alone."""
-        decoded = [self.decode(body, headers) for body, headers in requests]
-        return [self.encode(request, self.run(request)) for request in decoded]
+        return self.run_batch([self.decode(body, headers) for body, headers in requests])
+
+    def run_batch(self, requests: Sequence[Decoded]) -> list[Reply]:
+        """run + encode for decoded requests, one reply each, in order (the seam for batched runs)."""
+        return [self.encode(request, self.run(request)) for request in requests]
 
     def method_of(self, request: Decoded) -> str:
         """The method a request runs with (metrics label): its own, else the deployment default."""
