@@ -19,6 +19,8 @@
 #   ARCHIVE_ONLY=1          fetch the weights and build the archive, then exit (an init container)
 #   DRAIN_TIMEOUT_S=30      on Ctrl-C/SIGTERM, wait this long for in-flight requests before stopping
 # The container image runs this script (docker/entrypoint.sh) with SKIP_SYNC=1 KEEP_ARCHIVE=1.
+#   SERVER=torchserve       or 'kserve': KServe's model server (`tta serve --server kserve`, OIP v2
+#                           REST on HTTP_PORT=8080 and gRPC on GRPC_PORT=8081; no archive, no Java)
 # Ports come from config.properties (8080 inference, 8081 management, 8082 TorchServe metrics) and
 # 8083 for the tta metrics exporter; override with TS_INFERENCE_ADDRESS=..., TTA_METRICS_PORT=...
 set -euo pipefail
@@ -48,7 +50,17 @@ if [[ "${SKIP_SYNC:-0}" != "1" ]]; then
     say "installing the environment (uv sync)"
     uv sync --frozen
 fi
-command -v java >/dev/null 2>&1 || { say "java (17+) is required by TorchServe's frontend"; exit 1; }
+
+# KServe: the worker is built in-process from the same knobs; ARCHIVE_ARGS flags are shared
+if [[ "${SERVER:-torchserve}" == "kserve" ]]; then
+    label_args=()
+    [[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
+    say "starting KServe's model server (REST :${HTTP_PORT:-8080}, gRPC :${GRPC_PORT:-8081}; Ctrl-C to stop)"
+    # shellcheck disable=SC2086  # ARCHIVE_ARGS is a list of flags on purpose
+    exec "${VENV}/tta" serve --server kserve --model "${MODEL}" --name "${NAME}" --method "${METHOD}" \
+        --templates "${TEMPLATES}" --batch-size "${BATCH_SIZE}" --max-batch-delay "${MAX_BATCH_DELAY}" \
+        "${label_args[@]}" ${ARCHIVE_ARGS:-}
+fi
 
 build_archive() {
 # 2. weights must be loadable before TorchServe starts (fails in seconds when offline without a cache)
@@ -68,6 +80,8 @@ then
     say "stopping: the model cannot be loaded (no network and no cached weights?). Offline: MODEL=tiny-random bash scripts/serve.sh"
     exit 1
 fi
+
+command -v java >/dev/null 2>&1 || { say "java (17+) is required by TorchServe's frontend"; exit 1; }
 
 # 3. archive
 label_args=()
