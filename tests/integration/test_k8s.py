@@ -144,6 +144,9 @@ def test_custom_resources_have_their_required_fields(manifests: dict[str, dict],
             (container,) = predictor["containers"]
             assert container["name"] == "kserve-container" and container["image"]
             assert {p["containerPort"] for p in container["ports"]} == {8080}
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["SERVER"] == "kserve"  # the KServe adapter (tta serve --server kserve)
+            assert container["readinessProbe"]["httpGet"]["path"] == f"/v2/models/{env['NAME']}/ready"
             assert predictor["maxReplicas"] == 1  # no shared state: never two pods running stream methods
 
 
