@@ -28,7 +28,8 @@ low-confidence inputs; confident ones rarely change, so most requests can skip t
 
 The response adds ``tier`` (which tier answered), ``escalated``, ``gate`` (kind, threshold,
 the confidence after each tier run), ``stopped_by`` (confident | budget | last_tier) and
-``encoded_images``.
+``encoded_images``; with ``trace`` also each tier's label, gate value and milliseconds (what
+``tta eval --sweep`` replays to price every threshold from one run).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class AutoOptions(MethodOptions):
     rate_step: float = 0.01
     threshold_min: float = 0.0
     threshold_max: float = 1.0
+    trace: bool = False  # add each tier's label, gate value and ms to the answer (calibration)
 
     def parsed_tiers(self) -> tuple[Tier, ...]:
         return parse_tiers(self.tiers)
@@ -268,6 +270,7 @@ class Auto(Method):
         first_ms = 0.0
         probs = None
         answered = 0
+        trace: list[dict[str, Any]] = []
         for index, tier in enumerate(tiers):
             if index > 0:
                 estimate = self._estimate_ms(tier, n_classes, first_ms, tiers[0].views)
@@ -283,10 +286,13 @@ class Auto(Method):
             if index == 0:
                 first_ms = ms
             answered = index
+            step = {"tier": tier.key, "label": request.labels.names[int(probs.argmax())], "ms": round(ms, 3)}
+            trace.append(step)
             if index == len(tiers) - 1:
                 break
             confidence = gate_confidence(probs, opts.gate)
             gates.append(round(confidence, 6))
+            step["gate"] = gates[-1]
             if confidence >= threshold and threshold < 1.0:
                 stopped_by = "confident"
                 break
@@ -302,6 +308,8 @@ class Auto(Method):
             "stopped_by": stopped_by,
             "encoded_images": int(feats.shape[0]),
         }
+        if opts.trace:
+            extra["trace"] = trace
         return MethodOutput(probs=probs, zeroshot_probs=zeroshot, image_features=feats[0], extra=extra)
 
     def state_summary(self) -> dict[str, Any]:
