@@ -9,7 +9,7 @@ at that threshold run on the other half, side by side in one process. Cost is re
 the measured mean milliseconds (noisy on a shared machine) and a robust mean, the median
 per-request cost of each method (all requests of a fixed method do the same work; for `auto`, the
 median cost of each tier times how often it runs, plus its median overhead). Writes
-bench/results/auto_digits.json and bench/results/auto_digits_<shift>.png.
+bench/results/auto_digits.json and bench/results/auto_digits_<shift>_<tiers>.png.
 """
 
 from __future__ import annotations
@@ -57,21 +57,22 @@ def row(result: MethodResult) -> dict:
     return out
 
 
-def bench_shift(clip, shift: str, severity: int, tiers: str, views: int, fixed: list[str], tolerance: float) -> dict:
+def bench_shift(clip, shift: str, severity: int, tiers: str, views: int, fixed: list[str], tolerance: float,
+                gate: str = "max_prob") -> dict:
     classnames, items = digits_dataset(None, shift, severity)
     calib, test = items[0::2], items[1::2]
     options = {"zeroshot": {}, "zero": {"n_views": views}, "tpt": {"n_views": views}, "tda": {},
-               "auto": {"tiers": tiers}}
+               "auto": {"tiers": tiers, "gate": gate}}
     opts = {m: options[m] for m in fixed}
     # calibration half: fixed methods (for the accuracy target) and a traced auto run
     cal_fixed, _ = evaluate(clip, classnames, calib, fixed, opts, progress=False)
-    traced_opts = {"auto": {"tiers": tiers, "threshold": 1.0, "trace": True}}
+    traced_opts = {"auto": {"tiers": tiers, "gate": gate, "threshold": 1.0, "trace": True}}
     (cal_traced,), _ = evaluate(clip, classnames, calib, ["auto"], traced_opts, progress=False)
     truth = [classnames[y] for _, y, _ in calib]
     cal_sweep = sweep_rows(cal_traced, truth, [t[0]["label"] for t in cal_traced.traces], THRESHOLDS)
     chosen = choose_threshold(cal_sweep, [r.summary() for r in cal_fixed], tolerance)
     # test half: everything side by side, auto at the chosen threshold, plus the test-half curve
-    auto_opts = {"auto": {"tiers": tiers, "threshold": chosen["threshold"]}}
+    auto_opts = {"auto": {"tiers": tiers, "gate": gate, "threshold": chosen["threshold"]}}
     test_fixed, _ = evaluate(clip, classnames, test, fixed, opts, progress=False)
     (test_auto,), _ = evaluate(clip, classnames, test, ["auto"], auto_opts, progress=False)
     (test_traced,), _ = evaluate(clip, classnames, test, ["auto"], traced_opts, progress=False)
@@ -85,11 +86,11 @@ def bench_shift(clip, shift: str, severity: int, tiers: str, views: int, fixed: 
     auto_row["robust_cost_ms"] = statistics.fmean(sum(tier_ms[:k]) for k in _first_stop(test_traced, chosen))
     rows.append(auto_row)
     best = max(rows[:-1], key=lambda r: (r["accuracy"], -r["robust_cost_ms"]))
-    png = ROOT / "bench" / "results" / f"auto_digits_{shift}.png"
+    png = ROOT / "bench" / "results" / f"auto_digits_{shift}_{tiers.replace(',', '-').replace(':', '')}.png"
     plot_sweep(str(png), test_sweep, rows, chosen,
                f"digits {shift} (severity {severity}), tiny-digits, held-out half ({len(test)} images)")
     return {
-        "shift": shift, "severity": severity, "tiers": tiers, "views": views,
+        "shift": shift, "severity": severity, "tiers": tiers, "gate": gate, "views": views,
         "calibration_images": len(calib), "test_images": len(test),
         "chosen_threshold": chosen["threshold"], "calibration_sweep": cal_sweep, "test_sweep": test_sweep,
         "results": rows, "best_fixed": best["method"],
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shifts", default="rotate,noise")
     p.add_argument("--severity", type=int, default=3)
-    p.add_argument("--tiers", default="zeroshot,zero:16,tpt:64")
+    p.add_argument("--tiers", default="zeroshot,zero:32;zeroshot,zero:32,tpt:64;zeroshot,zero:16,tpt:64",
+                   help="';'-separated tier lists, each benchmarked (default: %(default)s)")
+    p.add_argument("--gate", default="max_prob", choices=("max_prob", "margin", "entropy"))
     p.add_argument("--views", type=int, default=64, help="views of the fixed zero and tpt")
     p.add_argument("--methods", default="zeroshot,zero,tpt")
     p.add_argument("--tolerance", type=float, default=0.005)
@@ -129,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     clip = load_model("tiny-digits")
     fixed = args.methods.split(",")
     start = time.time()
-    runs = [bench_shift(clip, s, args.severity, args.tiers, args.views, fixed, args.tolerance)
-            for s in args.shifts.split(",")]
+    runs = [bench_shift(clip, s, args.severity, tiers, args.views, fixed, args.tolerance, args.gate)
+            for s in args.shifts.split(",") for tiers in args.tiers.split(";")]
     out = {"model": "tiny-digits", "device": "cpu (no GPU this session)", "cores": os.cpu_count(),
            "threads": 1, "load_average_at_end": os.getloadavg(), "wall_s": round(time.time() - start, 1),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     for run in runs:
-        print(f"\ndigits {run['shift']} sev {run['severity']}: tiers {run['tiers']}, threshold "
+        print(f"\ndigits {run['shift']} sev {run['severity']}: tiers {run['tiers']}, gate {run['gate']}, threshold "
               f"{run['chosen_threshold']} (calibrated on the other {run['calibration_images']} images)")
         print(f"{'method':<9} {'acc':>7} {'escal.':>7} {'robust ms':>10} {'mean ms':>9} {'p95 ms':>9} {'enc img':>8}")
         for r in run["results"]:
