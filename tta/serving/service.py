@@ -136,7 +136,8 @@ class Service:
         items = [(i, item) for i in indices for item in _items(requests[i])]
         try:
             answers: list[Prediction | Exception] = self.engine.predict_batch([
-                PredictRequest(item.image, item.method, item.options, item.labels, item.top_k, item.seed)
+                PredictRequest(item.image, item.method, item.options, item.labels, item.top_k, item.seed,
+                               getattr(item, "deadline", None))  # the reliability branch's decoded deadline
                 for _, item in items
             ])
         except Exception:  # noqa: BLE001 - an engine bug: each request answers alone
