@@ -62,6 +62,7 @@ FALLBACK_REASONS: tuple[str, ...] = (
     "other",
 )
 _FALLBACK_ALIASES = {"deadline_exceeded": "deadline"}
+UNKNOWN_METHOD = "__unknown__"  # method label of requests that named a method the server does not have
 CUSTOM_LABELS = "__request_labels__"  # class label used when a request brought its own label set
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LAZY_LOCK = threading.Lock()
@@ -147,6 +148,9 @@ class ServingMetrics:
             "reference_ready": drift_gauge("tta_drift_reference_ready", "1 once the drift reference is captured and frozen"),
         }
         self._declared: set[tuple[str, str]] = set()  # (model, method) with zero-initialised counters
+        # The server's method names (the registry, plus "drift"): a request naming anything else is
+        # counted under UNKNOWN_METHOD, so no label value comes from request data. None = trust callers.
+        self.known_methods: frozenset[str] | None = None
         self.worker_starts = Counter(
             "tta_worker_starts", "Worker processes started (TorchServe restarts dead workers: increase() counts restarts)",
             ["model"], registry=r,
@@ -200,7 +204,16 @@ class ServingMetrics:
 
     def observe_state_unavailable(self, model: str, method: str) -> None:
         """A request refused because its stream state is out of reach (503)."""
-        self.state_unavailable.labels(model, method).inc()
+        self.state_unavailable.labels(model, self.method_label(method)).inc()
+
+    def observe_state_action(self, model: str, method: str, action: str, outcome: str) -> None:
+        self.state_actions.labels(model, self.method_label(method), action, outcome).inc()
+
+    def method_label(self, method: str) -> str:
+        """`method` when the server has it, else UNKNOWN_METHOD (bounded label values)."""
+        if self.known_methods is None or method in self.known_methods:
+            return method
+        return UNKNOWN_METHOD
 
     def observe_drift(self, model: str, signals: DriftSignals | None) -> None:
         """The drift gauges after one answer (`Prediction.drift`); None = this worker has no reading."""
@@ -217,6 +230,7 @@ class ServingMetrics:
             self.stage_seconds.labels(model, method, stage).observe(max(ms, 0.0) / 1000.0)
 
     def observe_outcome(self, model: str, method: str, outcome: str) -> None:
+        method = self.method_label(method)
         self.requests.labels(model, method, outcome).inc()
         if (model, method) not in self._declared:
             self._declare(model, method)

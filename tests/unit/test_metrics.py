@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from tta.metrics import FALLBACK_REASONS, ServingMetrics, fallback_reason, sample_values
+from tta.metrics import FALLBACK_REASONS, UNKNOWN_METHOD, ServingMetrics, fallback_reason, sample_values
 
 
 def test_fallback_reasons_are_a_fixed_set() -> None:
@@ -16,6 +16,22 @@ def test_fallback_reasons_are_a_fixed_set() -> None:
     assert seen["deadline"] == 1 and seen["state_unavailable"] == 1 and seen["other"] == 2
     assert fallback_reason("numerical") == "numerical"
     assert sum(seen.values()) == 4  # every observation landed on a known label value
+
+
+def test_method_labels_never_come_from_request_data() -> None:
+    """A client naming any method it likes adds no series: unknown names are pooled."""
+    metrics = ServingMetrics(CollectorRegistry())
+    metrics.known_methods = frozenset({"tpt", "drift"})
+    for method in ("tpt", "no-such-method", "x" * 300, "drift"):
+        metrics.observe_outcome("m", method, "client_error")
+        metrics.observe_state_action("m", method, "reset", "client_error")
+        metrics.observe_state_unavailable("m", method)
+    text = metrics.render().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    seen = {s.labels["method"] for f in text_string_to_metric_families(text) for s in f.samples if "method" in s.labels}
+    assert seen == {"tpt", "drift", UNKNOWN_METHOD}
+    assert sum(sample_values(text, "tta_requests_total", {"method": UNKNOWN_METHOD})) == 2
 
 
 def test_drift_gauges_show_the_freshest_live_worker(tmp_path) -> None:

@@ -206,7 +206,7 @@ class Service:
                 self.metrics.observe_state(self.model.name, method, result["state"])
             return result
         finally:
-            self.metrics.state_actions.labels(self.model.name, method, request.action, outcome).inc()
+            self.metrics.observe_state_action(self.model.name, method, request.action, outcome)
 
     def _run_action(self, request: Action, method: str) -> dict[str, Any]:
         engine, action = self.engine, request.action
@@ -268,6 +268,7 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     if metrics is None:
         metrics = ServingMetrics()
     metrics.observe_worker_start(model_name)
+    metrics.known_methods = frozenset(engine.methods) | ({"drift"} if engine.drift is not None else set())
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits)
