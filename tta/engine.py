@@ -89,7 +89,11 @@ class Engine:
             if name not in self._methods:
                 cls = get_method_class(name)
                 defaults = cls.Options.from_dict(self._method_defaults.get(name))
-                self._methods[name] = cls(self.clip, defaults)
+                impl = cls(self.clip, defaults)
+                bind = getattr(impl, "bind_deployment", None)
+                if bind is not None:  # stream state: the deployment's labels, and its classifier for replayed ops
+                    bind(self.labels.names, lambda: self.text_cache.get(self.clip, self.labels))
+                self._methods[name] = impl
             return self._methods[name]
 
     def resolve_labels(self, labels: Sequence[str] | None) -> LabelSet:

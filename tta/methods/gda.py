@@ -280,36 +280,63 @@ class GDA(StreamStateMixin, Method):
         return encode_images(clip, batch)
 
     def add_examples(self, features: Sequence[torch.Tensor], labels: Sequence[int], text_features: torch.Tensor,
-                     opts: GDAOptions | None = None, refit: bool = True) -> None:
-        """Labelled examples (each [V, d]: the views of one image); one refit at the end."""
+                     opts: GDAOptions | None = None, refit: bool = True) -> bool:
+        """Labelled examples (each [V, d]: the views of one image) as one operation; one refit at the end.
+
+        False when the state backend is unreachable (the examples are queued, not applied yet).
+        """
         opts = opts if opts is not None else self.defaults  # type: ignore[assignment]
         n_classes = text_features.shape[0]
-        with self.host.transaction():
-            for feats, label in zip(features, labels, strict=True):
-                if not 0 <= int(label) < n_classes:
-                    raise BadRequest(f"label index {label} outside [0, {n_classes})", code="unknown_label")
-                for row in feats.reshape(-1, feats.shape[-1]):
-                    self.support.offer(int(label), row.cpu(), float(self._examples))
-                self._examples += 1
-            self.host.changed()
-            if refit:
-                self.refit(text_features, opts)  # type: ignore[arg-type]
+        for label in labels:
+            if not 0 <= int(label) < n_classes:
+                raise BadRequest(f"label index {label} outside [0, {n_classes})", code="unknown_label")
+        self._last_text = text_features
+        feats = torch.stack([f.detach().float().cpu().reshape(-1, f.shape[-1]) for f in features])
+        return self.host.commit({"kind": "support", "feats": feats, "labels": [int(v) for v in labels],
+                                 "refit": bool(refit), "opts": self._opts_delta(opts)})
 
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """A labelled example: scored first (online accuracy), then added to the support set."""
         opts: GDAOptions = request.options  # type: ignore[assignment]
         with request.timer.stage("encode"):
             feats = self._encode(request.image, opts.support_views, request.generator)
-        with self.host.transaction():
-            self._bind_labels(request.labels.names)
-            self._ensure_fit(request.text_features, opts)
-            predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
-            self.feedback_total += 1
-            self.feedback_correct += int(predicted == label_index)
-            self.add_examples([feats.cpu()], [label_index], request.text_features, opts, refit=True)
-        return {"method": self.name, "label": request.labels.names[label_index],
-                "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
-                "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        self._last_text = request.text_features
+        self._bind_labels(request.labels.names)
+        available = self.host.sync()
+        predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
+        op = {"kind": "support", "feats": feats.detach().float().cpu()[None], "labels": [int(label_index)],
+              "refit": True, "scored": predicted == label_index, "opts": self._opts_delta(opts)}
+        available = self.host.commit(op) and available
+        reply = {"method": self.name, "label": request.labels.names[label_index],
+                 "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
+                 "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
+
+    def _apply_op(self, op: Any) -> None:
+        """`support`: labelled examples (+ online-accuracy score); `pseudo`: one confident prediction."""
+        opts: GDAOptions = self._options(op)
+        if op["kind"] == "support":
+            if op.get("scored") is not None:
+                self.feedback_total += 1
+                self.feedback_correct += int(bool(op["scored"]))
+            for feats, label in zip(op["feats"], op["labels"], strict=True):
+                for row in feats:
+                    self.support.offer(int(label), row, float(self._examples))
+                self._examples += 1
+            refit = bool(op.get("refit", True))
+        elif op["kind"] == "pseudo":
+            refit = False
+            if self.pseudo.offer(op["cls"], op["feature"], op["score"]):
+                self._pseudo_since_refit += 1
+                refit = self._pseudo_since_refit >= opts.refit_every
+        else:
+            raise ValueError(f"gda has no operation {op['kind']!r}")
+        text = self._deployment_text()
+        if text is None:
+            return
+        if refit:
+            self.refit(text, opts)
+        self._ensure_fit(text, opts)
 
     def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions) -> None:
         stale = self._text is None or self._text.shape != text_features.shape
@@ -334,19 +361,20 @@ class GDA(StreamStateMixin, Method):
         if not request.is_default_labels:
             return MethodOutput(probs=zeroshot, zeroshot_probs=zeroshot, image_features=feats[0],
                                 extra={"fallback": "gda is fitted for the deployment's labels only; zero-shot"})
-        with request.timer.stage("adapt"), self.host.transaction():
+        self._last_text = request.text_features
+        with request.timer.stage("adapt"):
             self._bind_labels(request.labels.names)
             if opts.pseudo_labels and float(zeroshot.max()) >= opts.pseudo_threshold:
-                if self.pseudo.offer(int(zeroshot.argmax()), feats[0].cpu(), float(entropy(zs_logits))):
-                    self._pseudo_since_refit += 1
-                    self.host.changed()
-            if self._pseudo_since_refit >= opts.refit_every:
-                self.refit(request.text_features, opts)
-            self._ensure_fit(request.text_features, opts)
+                available = self.host.commit({"kind": "pseudo", "cls": int(zeroshot.argmax()),
+                                              "feature": feats[0].detach().float().cpu(),
+                                              "score": float(entropy(zs_logits)), "opts": self._opts_delta(opts)})
+            else:
+                available = self.host.sync()
             logits = self._logits(feats, request.text_features)[0]
             fitted = self._fit is not None
+        extra = {} if fitted else {"fallback": "gda has no support examples yet; zero-shot"}
         return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0],
-                            extra={} if fitted else {"fallback": "gda has no support examples yet; zero-shot"})
+                            extra=self._flag(extra, available))
 
 
 def fit_support_folder(engine: Any, folder: str | Path, method: str = "gda") -> dict[str, Any]:
