@@ -182,6 +182,7 @@ class GDA(StreamStateMixin, Method):
         self.feedback_total = 0
         self.feedback_correct = 0
         self.last_refit_ms = 0.0
+        self.last_cv_ms = 0.0  # this worker's measurement (not state: replicas measure differently)
         self._init_stream()
 
     # --- state ----------------------------------------------------------------------------
@@ -239,8 +240,13 @@ class GDA(StreamStateMixin, Method):
             return None
         return keys, classes, groups
 
-    def refit(self, text_features: torch.Tensor, opts: GDAOptions) -> None:
-        """Closed-form refit (+ alpha by cross-validation when alpha is None); timed."""
+    def refit(self, text_features: torch.Tensor, opts: GDAOptions, cv_expensive: bool | None = None) -> None:
+        """Closed-form refit (+ alpha by cross-validation when alpha is None); timed.
+
+        `cv_expensive`: whether the last cross-validation cost more than the budget, as measured by
+        the replica that made the operation (carried in it, so every replica decides alike); None =
+        this worker's own measurement.
+        """
         start = time.perf_counter()
         self._text = text_features.detach().float().cpu()
         data = self._training_set()
@@ -252,20 +258,20 @@ class GDA(StreamStateMixin, Method):
         fallback = self._text
         scale = self.clip.logit_scale
         previous = self._fit
-        cv_ms = previous.get("cv_ms", 0.0) if previous is not None else 0.0
-        if (opts.alpha is None and previous is not None and cv_ms > CV_BUDGET_MS
+        expensive = self.last_cv_ms > CV_BUDGET_MS if cv_expensive is None else cv_expensive
+        if (opts.alpha is None and previous is not None and expensive
                 and previous.get("cv_n", 0) * CV_GROWTH > labels.numel()):
             alpha, cv_acc, cv_n = previous["alpha"], previous["cv_accuracy"] or float("nan"), previous["cv_n"]
         elif opts.alpha is None:  # expensive cross-validation reruns only when the support grew by a quarter
             cv_start = time.perf_counter()
             alpha, cv_acc = choose_alpha(feats, labels, groups, scale * feats @ self._text.t(), n_classes, fallback)
-            cv_n, cv_ms = int(labels.numel()), (time.perf_counter() - cv_start) * 1000.0
+            cv_n, self.last_cv_ms = int(labels.numel()), (time.perf_counter() - cv_start) * 1000.0
         else:
-            alpha, cv_acc, cv_n, cv_ms = float(opts.alpha), float("nan"), 0, 0.0
+            alpha, cv_acc, cv_n = float(opts.alpha), float("nan"), 0
         weights, bias = fit_gda(feats, labels, n_classes, fallback)
         self._fit = {"weights": weights.to(self.clip.device), "bias": bias.to(self.clip.device), "alpha": alpha,
                      "cv_accuracy": None if math.isnan(cv_acc) else round(cv_acc, 4), "n": int(labels.numel()),
-                     "cv_n": cv_n, "cv_ms": cv_ms}
+                     "cv_n": cv_n}
         self._pseudo_since_refit = 0
         self.last_refit_ms = (time.perf_counter() - start) * 1000.0
         log.debug("gda refit on %d features in %.1f ms (alpha %s)", labels.numel(), self.last_refit_ms, alpha)
@@ -293,7 +299,8 @@ class GDA(StreamStateMixin, Method):
         self._last_text = text_features
         feats = torch.stack([f.detach().float().cpu().reshape(-1, f.shape[-1]) for f in features])
         return self.host.commit({"kind": "support", "feats": feats, "labels": [int(v) for v in labels],
-                                 "refit": bool(refit), "opts": self._opts_delta(opts)})
+                                 "refit": bool(refit), "opts": self._opts_delta(opts),
+                                 "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
 
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """A labelled example: scored first (online accuracy), then added to the support set."""
@@ -305,7 +312,8 @@ class GDA(StreamStateMixin, Method):
         available = self.host.sync()
         predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
         op = {"kind": "support", "feats": feats.detach().float().cpu()[None], "labels": [int(label_index)],
-              "refit": True, "scored": predicted == label_index, "opts": self._opts_delta(opts)}
+              "refit": True, "scored": predicted == label_index, "opts": self._opts_delta(opts),
+              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS}
         available = self.host.commit(op) and available
         reply = {"method": self.name, "label": request.labels.names[label_index],
                  "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
@@ -335,13 +343,13 @@ class GDA(StreamStateMixin, Method):
         if text is None:
             return
         if refit:
-            self.refit(text, opts)
-        self._ensure_fit(text, opts)
+            self.refit(text, opts, bool(op.get("cv_expensive", False)))
+        self._ensure_fit(text, opts, bool(op.get("cv_expensive", False)))
 
-    def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions) -> None:
+    def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions, cv_expensive: bool | None = None) -> None:
         stale = self._text is None or self._text.shape != text_features.shape
         if (self._fit is None or stale) and (len(self.support) + len(self.pseudo)) >= 2:
-            self.refit(text_features, opts)
+            self.refit(text_features, opts, cv_expensive)
 
     def _logits(self, feats: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         zs = self.clip.logit_scale * feats @ text_features.t()
@@ -367,7 +375,8 @@ class GDA(StreamStateMixin, Method):
             if opts.pseudo_labels and float(zeroshot.max()) >= opts.pseudo_threshold:
                 available = self.host.commit({"kind": "pseudo", "cls": int(zeroshot.argmax()),
                                               "feature": feats[0].detach().float().cpu(),
-                                              "score": float(entropy(zs_logits)), "opts": self._opts_delta(opts)})
+                                              "score": float(entropy(zs_logits)), "opts": self._opts_delta(opts),
+                                              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
             else:
                 available = self.host.sync()
             logits = self._logits(feats, request.text_features)[0]

@@ -132,6 +132,17 @@ def key_prefix(deployment: str, owner: str) -> str:
     return f"tta:{{{safe_name(deployment)}.{safe_name(owner)}}}"
 
 
+def memory_bound(snapshot_bytes: int, op_bytes: int, every: int) -> int:
+    """Upper bound of the Redis memory one owner uses (its snapshot, log and keys), in bytes.
+
+    `snapshot_bytes`: the owner's snapshot at full capacity (its caps bound it); `op_bytes`: its
+    largest operation. The log holds at most the `every` operations since the last snapshot plus
+    those appended while the next one is written (bounded by another `every`); a snapshot being
+    replaced briefly exists twice. Per-entry and per-key overheads are generous constants.
+    """
+    return 2 * snapshot_bytes + 2 * every * (op_bytes + 128) + 65_536
+
+
 def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -160,6 +171,7 @@ class RedisHost(StateHost):
         self._down_until = 0.0
         self._backoff = FIRST_BACKOFF_S
         self._since_snapshot = 0
+        self._my_snapshot = ""
         self._writer: threading.Thread | None = None
         self.last_error: str | None = None
 
@@ -209,8 +221,10 @@ class RedisHost(StateHost):
                 continue
             send = False
             offset, entries = _id(reply[1]), reply[2]
-            if offset != self.snap_offset:
-                self.snap_offset, self._since_snapshot = offset, 0
+            if offset != self.snap_offset:  # a newer snapshot: count from it (ours was counted when taken)
+                if offset != self._my_snapshot:
+                    self._since_snapshot = 0
+                self.snap_offset = offset
             for entry_id, fields in entries:
                 self._apply_entry(_id(entry_id), fields)
             if len(entries) < BATCH:
@@ -284,6 +298,7 @@ class RedisHost(StateHost):
         except (redis.RedisError, OSError):
             return
         state = _copied(self.owner.snapshot())  # at exactly self.last_id; written outside the request path
+        self._my_snapshot = self.last_id
         self._writer = threading.Thread(target=self._write_snapshot, args=(state, self.epoch, self.last_id),
                                         name=f"tta-state-snapshot-{self.name}", daemon=True)
         self._writer.start()
@@ -305,7 +320,10 @@ class RedisHost(StateHost):
                 pass
 
     def flush(self) -> None:
-        """Write a snapshot now (synchronously) if Redis is reachable."""
+        """Nothing to do: the log is the durable copy (snapshots are periodic, see `snapshot_now`)."""
+
+    def snapshot_now(self) -> None:
+        """Write a snapshot at this replica's offset now (synchronously) if Redis is reachable."""
         with self._lock:
             if not self.sync() or not self.epoch:
                 return
