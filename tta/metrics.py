@@ -150,6 +150,11 @@ class ServingMetrics:
             "tta_stream_state_entries", "Entries held by a stream method's state (cache, buffer, support set)",
             ["model", "method"], registry=r, multiprocess_mode="max",
         )
+        self.state_unavailable = Counter(
+            "tta_state_unavailable", "Stream requests answered from the last known state because the state "
+            "backend (Redis) was unreachable or slow (response field \"fallback\": \"state_unavailable\")",
+            ["model", "method"], registry=r,
+        )
         self.drift = EmbeddingDrift(drift_reference_size)
 
     def observe_state(self, model: str, method: str, summary: Mapping[str, object]) -> None:
@@ -157,6 +162,10 @@ class ServingMetrics:
         total = summary.get("total")
         if isinstance(total, int | float):
             self.state_entries.labels(model, method).set(float(total))
+
+    def observe_state_unavailable(self, model: str, method: str) -> None:
+        """One answer made without the shared state (its operation is queued for when Redis is back)."""
+        self.state_unavailable.labels(model, method).inc()
 
     def observe_stages(self, model: str, method: str, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():
