@@ -112,12 +112,22 @@ class ClipTTAHandler(BaseHandler):
                  self.model_name, self.spec, self.device, len(labels), self.engine.default_method)
 
     def _configure_state(self, config: Mapping[str, Any]) -> None:
-        """Stream-method state: namespaced by the served model; directory/sync from config or env."""
+        """Stream-method state: namespaced by the served model; backend from the archive config or env.
+
+        TTA_STATE_URL wins over the archive's state_url (a deployment supplies its Redis, e.g. from
+        a Secret); the URL is only ever logged masked.
+        """
         changes: dict[str, Any] = {"deployment": self.model_name}
-        for key, field in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every")):
+        for key, field in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every"),
+                           ("state_url", "url"), ("state_timeout_ms", "timeout_ms")):
             if config.get(key) not in (None, ""):
                 changes[field] = config[key]
+        if os.environ.get("TTA_STATE_URL"):
+            changes["url"] = os.environ["TTA_STATE_URL"]
         tta_state.configure(**changes)
+        state = tta_state.current_config()
+        log.info("stream state: %s backend%s", state.backend,
+                 f" at {tta_state.mask_url(state.url)}" if state.url else "")
 
     def _start_exporter(self, config: Mapping[str, Any]) -> Exporter | None:
         port = int(os.environ.get("TTA_METRICS_PORT", config.get("metrics_port", 8083)))
@@ -255,6 +265,8 @@ class ClipTTAHandler(BaseHandler):
         )
         if self.engine.method(prediction.method).scope == "stream":
             m.observe_state(self.model_name, prediction.method, self.engine.state_summary(prediction.method))
+        if prediction.extra.get("fallback") == tta_state.STATE_UNAVAILABLE:
+            m.observe_state_unavailable(self.model_name, prediction.method)
 
     def _response(self, prediction: Prediction) -> dict[str, Any]:
         return {**prediction.to_dict(), "model": self.model_name, "model_version": self.model_version,
@@ -299,7 +311,10 @@ class ClipTTAHandler(BaseHandler):
             raise _bad("feedback needs 'label' (a class of the deployment's label set)", code="bad_labels")
         image, _ = self._image_field(payload.get("image"))
         seed = payload.get("seed")
-        return {**base, "feedback": engine.feedback(image, label, method, seed=seed if isinstance(seed, int) else None)}
+        reply = engine.feedback(image, label, method, seed=seed if isinstance(seed, int) else None)
+        if reply.get("fallback") == tta_state.STATE_UNAVAILABLE:
+            self.metrics.observe_state_unavailable(self.model_name, method)
+        return {**base, "feedback": reply}
 
     # --- Open Inference Protocol v2 -----------------------------------------------------------
     def _oip(self, payload: Mapping[str, Any], start: float, decode_ms: float) -> tuple[dict[str, Any], str]:
