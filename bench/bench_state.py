@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         args.classes, args.requests, args.seconds, args.throughput_classes = "10", 20, 1.0, 10
     sizes = [int(c) for c in args.classes.split(",")]
     report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
-                                          "cores": mp.cpu_count(), "torch_threads": 1},
+                                          "cores": mp.cpu_count(), "torch_threads": 1,
+                                          "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
                               "dim": DIM, "latency": [], "throughput": []}
     with tempfile.TemporaryDirectory(prefix="tta-bench-state-") as tmp, RedisServer(Path(tmp) / "redis") as redis:
         workdir = Path(tmp)
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "redis_vs_flock_rps_2_instances": round(by[("redis", 2)] / by[("flock", 2)], 2),
     }
     print(json.dumps(report["ratios"]), flush=True)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
