@@ -93,18 +93,30 @@ def attach(method: TDA, backend: str, url: str, directory: Path, deployment: str
     return open_host("tda", method, StateConfig())
 
 
-def request(method: TDA, host: Any, gen: torch.Generator, classes: int) -> float:
-    """One stream request's state step; returns the seconds spent in sync (commit)."""
+def request(method: TDA, host: Any, gen: torch.Generator, classes: int, cpu: list[float] | None = None) -> float:
+    """One stream request's state step; returns the wall seconds spent in sync (commit).
+
+    `cpu` collects the CPU seconds this thread spent in the commit (a loaded machine inflates
+    wall time, not CPU time).
+    """
     feature = torch.nn.functional.normalize(torch.randn(DIM, generator=gen), dim=0)
     logits = 100.0 * torch.randn(classes, generator=gen)
     probs = logits.softmax(-1)
     loss = float(-(probs * probs.clamp_min(1e-12).log()).sum())
     op = method.update_op(feature, int(logits.argmax()), loss, probs, OPTIONS)
-    start = time.perf_counter()
+    cpu_start, start = time.thread_time(), time.perf_counter()
     host.commit(op)
     spent = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(time.thread_time() - cpu_start)
     method.adapted_logits(feature, logits, OPTIONS)
     return spent
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), e.g. the redis-server's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -112,24 +124,33 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def latency(classes: int, n: int, url: str, workdir: Path) -> dict[str, Any]:
+def latency(classes: int, n: int, url: str, workdir: Path, redis_pid: int) -> dict[str, Any]:
     backends = ("process", "redis", "flock")
     methods = {b: make_tda(classes) for b in backends}
     hosts = {b: attach(methods[b], b, url, workdir / f"lat{classes}", f"lat{classes}") for b in backends}
     for b in backends:  # warm-up: seeds Redis with the full state, first snapshot file
         request(methods[b], hosts[b], torch.Generator().manual_seed(1), classes)
     times: dict[str, list[float]] = {b: [] for b in backends}
+    cpu: dict[str, list[float]] = {b: [] for b in backends}
     gens = {b: torch.Generator().manual_seed(2) for b in backends}
+    server_cpu = 0.0
     for _ in range(n):
         for b in backends:  # interleaved: noise hits all three alike
-            times[b].append(request(methods[b], hosts[b], gens[b], classes) * 1000.0)
+            before = process_cpu_s(redis_pid) if b == "redis" else 0.0
+            times[b].append(request(methods[b], hosts[b], gens[b], classes, cpu[b]) * 1000.0)
+            if b == "redis":
+                server_cpu += process_cpu_s(redis_pid) - before
     out: dict[str, Any] = {"classes": classes, "requests": n,
                            "state_entries": len(methods["process"].pos) + len(methods["process"].neg)}
     base50, base95 = pct(times["process"], 0.5), pct(times["process"], 0.95)
     for b in backends:
         p50, p95 = pct(times[b], 0.5), pct(times[b], 0.95)
         out[b] = {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "mean_ms": round(statistics.mean(times[b]), 3),
-                  "added_p50_ms": round(p50 - base50, 3), "added_p95_ms": round(p95 - base95, 3)}
+                  "added_p50_ms": round(p50 - base50, 3), "added_p95_ms": round(p95 - base95, 3),
+                  "cpu_p50_ms": round(1000.0 * pct(cpu[b], 0.5), 3)}
+    out["redis"]["server_cpu_ms_per_request"] = round(1000.0 * server_cpu / n, 3)
+    out["redis"]["added_cpu_p50_ms"] = round(out["redis"]["cpu_p50_ms"] - out["process"]["cpu_p50_ms"]
+                                             + out["redis"]["server_cpu_ms_per_request"], 3)
     if hasattr(hosts["redis"], "wait_snapshot"):
         hosts["redis"].wait_snapshot()
         out["redis"]["snapshot_bytes"] = hosts["redis"].stats.last_snapshot_bytes
@@ -194,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tta-bench-state-") as tmp, RedisServer(Path(tmp) / "redis") as redis:
         workdir = Path(tmp)
         for classes in sizes:
-            row = latency(classes, args.requests, redis.url, workdir)
+            assert redis.process is not None
+            row = latency(classes, args.requests, redis.url, workdir, redis.process.pid)
             report["latency"].append(row)
             print(json.dumps(row), flush=True)
         for backend in ("process", "redis", "flock"):
