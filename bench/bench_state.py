@@ -195,6 +195,27 @@ def throughput(classes: int, replicas: int, backend: str, url: str, workdir: Pat
             "sync_ms_mean": round(1000.0 * sum(s for _, s in got) / max(1, total), 3)}
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The README table from a report (`--table results.json`)."""
+    lines = ["| classes (entries) | backend | sync wall p50 / p95 ms | added wall p50 / p95 ms | "
+             "CPU per sync, p50 ms (client + redis-server) |", "|---|---|---|---|---|"]
+    for row in report["latency"]:
+        for b in ("process", "redis", "flock"):
+            r = row[b]
+            cpu = (f"{r['cpu_p50_ms']:.2f} + {r['server_cpu_ms_per_request']:.2f}" if b == "redis"
+                   else f"{r['cpu_p50_ms']:.2f}")
+            lines.append(f"| {row['classes']} ({row['state_entries']}) | {b} | {r['p50_ms']:.2f} / {r['p95_ms']:.2f} | "
+                         f"{r['added_p50_ms']:.2f} / {r['added_p95_ms']:.2f} | {cpu} |")
+    lines += ["", "| backend | 1 instance req/s | 2 instances req/s | 2 vs 1 | mean sync ms (2 instances) |",
+              "|---|---|---|---|---|"]
+    by = {(r["backend"], r["replicas"]): r for r in report["throughput"]}
+    for b in ("process", "redis", "flock"):
+        one, two = by[(b, 1)], by[(b, 2)]
+        lines.append(f"| {b} | {one['rps']:.1f} | {two['rps']:.1f} | {two['rps'] / one['rps']:.2f}x | "
+                     f"{two['sync_ms_mean']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", default="100,1000", help="state sizes (label-set sizes) for the latency table")
@@ -203,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-classes", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "state.json"))
+    parser.add_argument("--table", metavar="JSON", help="print the README table of a saved report and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return 0
     torch.set_num_threads(1)
     if args.quick:
         args.classes, args.requests, args.seconds, args.throughput_classes = "10", 20, 1.0, 10
@@ -231,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "redis_vs_flock_rps_2_instances": round(by[("redis", 2)] / by[("flock", 2)], 2),
     }
     print(json.dumps(report["ratios"]), flush=True)
+    print(markdown(report), flush=True)
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
