@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(default: env TTA_STATE_DIR)")
     parser.add_argument("--state-every", type=int,
                         help="operations between state snapshots (default: 50 for files, 1000 for Redis)")
+    parser.add_argument("--drift-reference-size", type=int, default=512,
+                        help="answered images captured into the shared drift reference (tta.drift); env "
+                             "TTA_DRIFT_REFERENCE_SIZE wins (default: %(default)s)")
+    parser.add_argument("--drift-window", type=int, default=256,
+                        help="each worker's sliding window of answered images compared with the reference; env "
+                             "TTA_DRIFT_WINDOW wins (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
@@ -106,6 +112,8 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "state_dir": args.state_dir,
             "state_url": args.state_url,
             "state_every": args.state_every,
+            "drift_reference_size": args.drift_reference_size,
+            "drift_window": args.drift_window,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
         },
     }
@@ -123,6 +131,12 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
     for name, options in method_defaults.items():
         get_method_class(name).Options.from_dict(options).validate()
+    from tta.drift import DriftConfig
+
+    try:
+        DriftConfig(args.drift_reference_size, args.drift_window)
+    except ValueError as exc:
+        raise TTAError(str(exc)) from exc
     for flag in ("workers", "batch_size"):
         if getattr(args, flag) < 1:
             raise TTAError(f"--{flag.replace('_', '-')} must be >= 1")
