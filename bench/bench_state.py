@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per backend per size")
     parser.add_argument("--seconds", type=float, default=10.0, help="throughput window per (backend, replicas)")
     parser.add_argument("--throughput-classes", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the throughput runs (median reported)")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "state.json"))
     parser.add_argument("--table", metavar="JSON", help="print the README table of a saved report and exit")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     if args.quick:
-        args.classes, args.requests, args.seconds, args.throughput_classes = "10", 20, 1.0, 10
+        args.classes, args.requests, args.seconds, args.throughput_classes, args.repeat = "10", 20, 1.0, 10, 1
     sizes = [int(c) for c in args.classes.split(",")]
     report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                           "cores": mp.cpu_count(), "torch_threads": 1,
@@ -244,12 +245,22 @@ def main(argv: list[str] | None = None) -> int:
             row = latency(classes, args.requests, redis.url, workdir, redis.process.pid)
             report["latency"].append(row)
             print(json.dumps(row), flush=True)
+        runs: list[dict[str, Any]] = []
+        for repeat in range(args.repeat):  # rounds of every configuration: slow drifts of the load hit all
+            for replicas in (1, 2):
+                for backend in ("process", "redis", "flock"):
+                    row = throughput(args.throughput_classes, replicas, backend, redis.url, workdir, args.seconds)
+                    row.update(classes=args.throughput_classes, round=repeat)
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
+        report["throughput_runs"] = runs
         for backend in ("process", "redis", "flock"):
             for replicas in (1, 2):
-                row = throughput(args.throughput_classes, replicas, backend, redis.url, workdir, args.seconds)
-                row["classes"] = args.throughput_classes
-                report["throughput"].append(row)
-                print(json.dumps(row), flush=True)
+                mine = [r for r in runs if r["backend"] == backend and r["replicas"] == replicas]
+                report["throughput"].append({
+                    "backend": backend, "replicas": replicas, "classes": args.throughput_classes,
+                    "rps": round(statistics.median(r["rps"] for r in mine), 2),
+                    "sync_ms_mean": round(statistics.median(r["sync_ms_mean"] for r in mine), 3)})
     by = {(r["backend"], r["replicas"]): r["rps"] for r in report["throughput"]}
     report["ratios"] = {
         "two_vs_one_instance": {b: round(by[(b, 2)] / by[(b, 1)], 2) for b in ("process", "redis", "flock")},
