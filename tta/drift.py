@@ -6,11 +6,12 @@ differs between workers and pods, is lost on restart and cannot be re-taken afte
 change, so the same traffic would read as "drifted" on one replica and not on another. Here the
 reference is stream state owned by the name ``drift``: captured from the first
 `DriftConfig.reference_size` answered images after a reset, persisted and synchronised exactly
-like TDA/GDA state (an owner on `tta.state.open_host`: process, file snapshots, or the Redis operation log shared by all replicas
+like TDA/GDA state (an owner on `tta.state.open_host`: in-process, file snapshots, or the Redis operation log shared by all replicas
 backend), re-captured with ``{"action": "reset", "method": "drift"}``.
 
-Every change to the reference is a small operation dict applied by the pure function `apply`
-(``observe``, ``reset``, ``load``), so an operation log backend can replay it.
+Every change to the reference is a small operation dict (``{"kind": "observe" | "reset" |
+"load", ...}``) applied by the pure function `apply`, so an operation-log backend can replay it
+and every replica ends with the same reference.
 
 The sliding window is per worker (the last `DriftConfig.window` answered images that worker
 served): it is the sample being tested, not shared state. Against the reference it gives:
@@ -50,7 +51,6 @@ STATE_VERSION = 1
 ENV_REFERENCE_SIZE = "TTA_DRIFT_REFERENCE_SIZE"
 ENV_WINDOW = "TTA_DRIFT_WINDOW"
 MAX_SIZE = 100_000
-SYNC_FROZEN_S = 1.0  # how often a worker with a frozen reference looks for resets/imports from other replicas
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class DriftConfig:
 
     reference_size: int = 512
     window: int = 256
+    sync_s: float = 1.0  # a frozen reference looks for another worker's re-capture this often
 
     def __post_init__(self) -> None:
         for name in ("reference_size", "window"):
@@ -96,17 +97,17 @@ def frozen(state: Mapping[str, Any]) -> bool:
 def observe_op(embedding: torch.Tensor, cls: int | None, entropy: float | None,
                confidence: float | None) -> dict[str, Any]:
     """The operation one answered image contributes (unit embedding; class stats only for default labels)."""
-    return {"op": "observe", "embedding": embedding, "cls": cls, "entropy": entropy, "confidence": confidence}
+    return {"kind": "observe", "embedding": embedding, "cls": cls, "entropy": entropy, "confidence": confidence}
 
 
 def apply(state: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
     """The reference after `op`; never mutates `state` (a frozen reference comes back unchanged).
 
-    ``{"op": "observe", "embedding", "cls", "entropy", "confidence"}`` adds one image while capturing;
-    ``{"op": "reset", "size"?}`` starts a new capture (epoch + 1);
-    ``{"op": "load", "state"}`` replaces the reference (import), checked against this deployment.
+    ``{"kind": "observe", "embedding", "cls", "entropy", "confidence"}`` adds one image while capturing;
+    ``{"kind": "reset", "size"?}`` starts a new capture (epoch + 1);
+    ``{"kind": "load", "state"}`` replaces the reference (import), checked against this deployment.
     """
-    kind = op.get("op")
+    kind = op.get("kind")
     if kind == "observe":
         if frozen(state):
             return dict(state)
@@ -259,8 +260,13 @@ class DriftWindow:
 class DriftMonitor:
     """The deployment's drift reference (shared state owner ``drift``) plus this worker's window.
 
-    Speaks the stream-method state interface (`reset`, `state_dict`, `load_state_dict`,
+    A state owner in the operation sense (`apply(op)`, `snapshot()`, `restore(state)`): every
+    change is an operation applied by the pure `apply`, in the order the state host gives. It also
+    speaks the stream-method state interface (`reset`, `state_dict`, `load_state_dict`,
     `state_summary`, `scope`), so the state actions work on ``"method": "drift"``.
+
+    Only capturing writes: once the reference is frozen a request commits nothing and looks for a
+    re-capture by another worker at most every `DriftConfig.sync_s` seconds.
     """
 
     name = OWNER
@@ -274,11 +280,11 @@ class DriftMonitor:
         self.window = DriftWindow(self.config.window, int(embed_dim), len(labels))
         self._lock = threading.RLock()
         self._unavailable_logged = False
+        self._synced_at = -math.inf
         self.host = open_host(OWNER, self)
         self.host.start()
-        self._last_sync = 0.0
 
-    # --- state owner (tta.state.host.StateOwner): called by the host, in log order ---
+    # --- owner protocol: the host calls these, in operation order ---
     def apply(self, op: Mapping[str, Any]) -> None:
         self._reference = apply(self._reference, op)
 
@@ -286,14 +292,24 @@ class DriftMonitor:
         return dict(self._reference)
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
-        if state is None:  # the host's reset: a new capture (epoch + 1)
-            self._reference = apply(self._reference, {"op": "reset", "size": self.config.reference_size})
+        """None = start a new capture (a reset); otherwise load `state` (ValueError when it does not fit)."""
+        if state is None:
+            self._reference = apply(self._reference, {"kind": "reset", "size": self.config.reference_size})
         else:
-            self._reference = apply(self._reference, {"op": "load", "state": state})
+            self._reference = apply(self._reference, {"kind": "load", "state": state})
 
-    def _commit(self, op: Mapping[str, Any]) -> bool:
-        """Append `op` to the state log and apply everything up to it; False = backend away (last known reference)."""
-        return self.host.commit({"kind": str(op["op"]), **op})
+    # --- the host (tta.state.open_host: in-process, file snapshots or the Redis operation log) ---
+    def _commit(self, op: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Append `op` to the state log (None: just catch up) and apply everything up to it; the reference.
+
+        When the backend is away the reference is the last known one (the op is queued by the host).
+        """
+        if op is None:
+            self.host.sync()
+        else:
+            self.host.commit(dict(op))
+        self._synced_at = time.monotonic()
+        return self._reference
 
     # --- per request ---
     def observe(self, image_features: torch.Tensor | None, zeroshot_probs: torch.Tensor | None,
@@ -314,12 +330,12 @@ class DriftMonitor:
             confidence = float(p.max())
         with self._lock:
             try:
-                if frozen(self._reference) and time.monotonic() - self._last_sync > SYNC_FROZEN_S:
-                    self.host.sync()  # a frozen reference changes only by a reset/import elsewhere:
-                    self._last_sync = time.monotonic()  # catching up now and then is enough
                 if not frozen(self._reference):
-                    self._commit(observe_op(embedding, cls, entropy, confidence))
-                reference = self._reference
+                    reference = self._commit(observe_op(embedding, cls, entropy, confidence))
+                elif time.monotonic() - self._synced_at >= self.config.sync_s:
+                    reference = self._commit(None)
+                else:
+                    reference = self._reference
             except Unavailable as exc:
                 if not self._unavailable_logged:
                     log.warning("drift reference not reachable from this worker (%s); drift signals come from "
@@ -336,28 +352,27 @@ class DriftMonitor:
     def reset(self) -> None:
         """Re-capture the reference from the next `reference_size` answered images (all workers)."""
         with self._lock:
-            self.host.reset()
+            self.host.reset()  # every replica: restore(None), a new capture
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
-            self.host.sync()
+            self._commit(None)
             self.host.flush()
-            return dict(self._reference)
+            return self.snapshot()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise BadRequest("state must be a JSON object exported by 'drift'", code="bad_state")
         with self._lock:
             try:
-                apply(self._reference, {"op": "load", "state": state})  # validates; changes nothing
-                self.host.load(state)
+                apply(self._reference, {"kind": "load", "state": state})  # validate first: a bad import changes nothing
             except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
                 raise BadRequest(f"cannot import drift state: {exc}", code="bad_state") from exc
+            self.host.load(state)
 
     def state_summary(self) -> dict[str, Any]:
         with self._lock:
-            self.host.sync()
-            reference = self._reference
+            reference = self._commit(None)
             return {
                 "reference": {"samples": int(reference["count"]), "size": int(reference["size"]),
                               "ready": frozen(reference), "epoch": int(reference["epoch"]),
