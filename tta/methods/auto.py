@@ -5,7 +5,7 @@ prediction is confident, otherwise escalate to the next tier (ZERO with a few vi
 while the request's latency budget allows. The TTA papers' own analyses find the gain on
 low-confidence inputs; confident ones rarely change, so most requests can skip the 64-view cost.
 
-- Tiers: ``tiers="zeroshot,zero:16,tpt:64"`` (``name[:views]``; names: zeroshot, zero, tpt),
+- Tiers: ``tiers="zeroshot,zero:32,tpt:64"`` (``name[:views]``; names: zeroshot, zero, tpt),
   cheapest first. The last tier with the most views defines the view pool: every multi-view tier
   uses a prefix of the same seeded views, so with the gate at 1 the answer is the last tier's
   own answer for the same seed, and the views a lower tier encoded are reused by the next.
@@ -90,7 +90,7 @@ def parse_tiers(spec: str) -> tuple[Tier, ...]:
 class AutoOptions(MethodOptions):
     """Escalation policy; defaults answer confident images zero-shot, the rest with ZERO/TPT."""
 
-    tiers: str = "zeroshot,zero:16,tpt:64"
+    tiers: str = "zeroshot,zero:32,tpt:64"
     gate: Gate = "max_prob"
     threshold: float = 0.6  # answer when the gate's confidence >= threshold (0: first tier, 1: last)
     budget_ms: float = 0.0  # latency budget of this method per request; 0 = none (deadline still applies)
