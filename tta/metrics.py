@@ -227,6 +227,7 @@ class ServingMetrics:
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(model, method, reason)
         self.state_unavailable.labels(model, method)
+        self.embedding_shift.labels(model)  # empty until the drift reference is captured
 
     def observe_prediction(
         self,
