@@ -137,7 +137,11 @@ class Engine:
             if name not in self._methods:
                 cls = get_method_class(name)
                 defaults = cls.Options.from_dict(self._method_defaults.get(name))
-                self._methods[name] = cls(self.clip, defaults)
+                instance = cls(self.clip, defaults)
+                bind = getattr(instance, "bind_engine", None)
+                if bind is not None:  # a method that runs others (auto's stream tier) gets the lookup
+                    bind(self.method)
+                self._methods[name] = instance
             return self._methods[name]
 
     def resolve_labels(self, labels: Sequence[str] | None) -> LabelSet:
