@@ -332,3 +332,13 @@ def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", script, str(labels)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0 and "ready after load" in run.stdout, run.stderr[-3000:]
+
+
+def test_oversized_body_is_refused_before_decoding(kserve: KServe) -> None:
+    """Bodies over --max-request-bytes (16 MiB, TorchServe's max_request_size) get 413, with or without a length."""
+    blob = b"0" * (16 * 1024 * 1024 + 1)
+    infer = f"{kserve.url}/v2/models/{MODEL}/infer"
+    for data in (blob, iter([blob[: len(blob) // 2], blob[len(blob) // 2:]])):  # Content-Length, then chunked
+        reply = requests.post(infer, data=data, headers={**kserve.auth, "Content-Type": "application/json"},
+                              timeout=60)
+        assert reply.status_code == 413 and reply.json()["error"] == "request_too_large", reply.text

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 GRPC_STATUS = {400: StatusCode.INVALID_ARGUMENT, 401: StatusCode.UNAUTHENTICATED,
                413: StatusCode.RESOURCE_EXHAUSTED, 503: StatusCode.UNAVAILABLE}
 # Probes and Prometheus scrape without a token, as TorchServe's /ping and metrics port do.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # TorchServe's max_request_size in config.properties
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/|v2/models/[^/]+(/versions/[^/]+)?/ready$|v1/models/[^/:]+$)")
 
 
@@ -96,13 +97,15 @@ class ClipTTAModel(kserve.Model):
 
     def __init__(self, name: str, config: Mapping[str, Any], *, model_version: str = "1.0",
                  model_dir: Path | str = ".", metrics: ServingMetrics | None = None, token: str | None = None,
-                 batch_size: int = 4, max_batch_delay_ms: float = 50.0) -> None:
+                 batch_size: int = 4, max_batch_delay_ms: float = 50.0,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         super().__init__(name)
         self.config = dict(config)
         self.model_version = model_version
         self.model_dir = Path(model_dir)
         self.metrics = metrics
         self.token = token or None
+        self.max_request_bytes = max_request_bytes
         self.service: Service | None = None
         self.load_error: BaseException | None = None
         self._loading: threading.Thread | None = None
@@ -261,7 +264,8 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
         if not await dataplane.model_ready(model_name, True):
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
-        response, response_headers = await dataplane.infer(model_name, RawBody(await request.body(), headers), headers)
+        body = await read_capped(request, model.max_request_bytes)
+        response, response_headers = await dataplane.infer(model_name, RawBody(body, headers), headers)
         body, encoded_headers = dataplane.encode(model_name, response, headers, {})
         response_headers.update(encoded_headers)
         if isinstance(body, bytes):
@@ -276,7 +280,11 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
             meta.update(platform="clip-tta", versions=[registered.model_version], parameters=registered.describe())
         return meta
 
-    async def require_token(request: Request, call_next: Any) -> Response:
+    async def guard(request: Request, call_next: Any) -> Response:
+        """Refuse over-long bodies (413) and, with a token configured, unauthenticated calls (401)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > model.max_request_bytes:
+            return await serving_error(request, ServingError(too_large(model.max_request_bytes)))
         if model.token and not OPEN_PATHS.match(request.url.path):
             if not token_matches(request.headers.get("authorization"), model.token):
                 return await serving_error(request, ServingError(Failure(401, "unauthorized",
@@ -286,7 +294,21 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
     app.add_exception_handler(ServingError, serving_error)
     app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"], response_model=None)
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"], response_model=None)
-    app.middleware("http")(require_token)
+    app.middleware("http")(guard)
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked bodies carry no length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ServingError(too_large(limit))
+    return bytes(body)
+
+
+def too_large(limit: int) -> Failure:
+    return Failure(413, "request_too_large", f"request body over {limit} bytes")
 
 
 def serve(model: ClipTTAModel, http_port: int, grpc_port: int, grpc: bool = True) -> None:
