@@ -327,6 +327,16 @@ def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
             raise AssertionError("a model still loading answered")
         model.load()
         assert model.wait_loaded(timeout=120) and model.describe()["label_set_size"] == 2
+        broken = ClipTTAModel("broken", {"model": "tiny-random", "labels_file": sys.argv[1] + ".missing",
+                                         "metrics_port": 0}, metrics=ServingMetrics())
+        broken.load_now()  # a model that cannot load stays not ready and says why
+        assert not broken.ready and broken.load_error is not None
+        try:
+            asyncio.run(broken.predict({"image": "AAAA"}))
+        except ModelNotReady as exc:
+            assert "failed" in str(exc)
+        else:
+            raise AssertionError("a model that failed to load answered")
         print("ready after load")
     """)
     run = subprocess.run([sys.executable, "-c", script, str(labels)], capture_output=True, text=True, timeout=300,

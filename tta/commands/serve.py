@@ -114,10 +114,22 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.server == "torchserve":
-        return _torchserve(args)
-    config = deployment_config(args)
-    token = read_token(args)
+    """Exit 2 on a bad flag or config, 1 when the server stopped because the model cannot load."""
+    try:
+        if args.server == "torchserve":
+            return _torchserve(args)
+        config, token = deployment_config(args), read_token(args)
+    except (TTAError, OSError) as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _kserve(args, config, token)
+    except TTAError as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _kserve(args: argparse.Namespace, config: dict[str, Any], token: str | None) -> int:
     # One process serves: prometheus-client must use in-process storage so KServe's /metrics
     # (the default registry) shows the tta instruments too.
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -25,7 +25,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ from kserve.protocol.infer_type import (
 )
 
 from tta.engine import MAX_TOP_K
-from tta.errors import BadRequest
+from tta.errors import BadRequest, TTAError
 from tta.metrics import ServingMetrics
 from tta.serving import codec
 from tta.serving.batching import MicroBatcher
@@ -106,6 +108,7 @@ class ClipTTAModel(kserve.Model):
         self.metrics = metrics
         self.token = token or None
         self.max_request_bytes = max_request_bytes
+        self.stop_on_load_error = False  # `serve` sets it: a server whose model cannot load exits
         self.service: Service | None = None
         self.load_error: BaseException | None = None
         self._loading: threading.Thread | None = None
@@ -133,10 +136,12 @@ class ClipTTAModel(kserve.Model):
             if self.config.get("warmup", True):
                 warm_up(service)
             start_exporter(self.config, service.metrics)
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - reported, then the server stops (see `serve`)
             self.load_error = exc
-            log.exception("model %s failed to load", self.name)
-            raise
+            log.error("model %s failed to load: %s", self.name, exc)
+            if self.stop_on_load_error:
+                os.kill(os.getpid(), signal.SIGTERM)  # KServe's own shutdown; `serve` reports the error
+            return
         self.service = service
         self.ready = True
         log.info("model %s ready: clip=%s labels=%d default_method=%s", self.name, service.model.clip,
@@ -312,11 +317,18 @@ def too_large(limit: int) -> Failure:
 
 
 def serve(model: ClipTTAModel, http_port: int, grpc_port: int, grpc: bool = True) -> None:
-    """Register the model (not yet ready), start loading it, serve until SIGINT/SIGTERM."""
+    """Register the model (not yet ready), start loading it, serve until SIGINT/SIGTERM.
+
+    A model that cannot load (no weights offline, bad labels file) stops the server and raises
+    `TTAError`, so the process exits non-zero instead of staying live but never ready.
+    """
     from kserve import model_server
 
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=grpc, workers=1)
     install(model_server.app, server.dataplane, model)
     server.register_model(model)
+    model.stop_on_load_error = True
     model.load()
     server.start([])
+    if model.load_error is not None:
+        raise TTAError(f"model {model.name} failed to load: {model.load_error}") from model.load_error
