@@ -181,7 +181,7 @@ class ClipTTAModel(kserve.Model):
             raise ModelNotReady(self.name, "loading" if self.load_error is None else f"failed: {self.load_error}")
         loop = asyncio.get_running_loop()
         if isinstance(payload, InferRequest):
-            decoded = await loop.run_in_executor(None, self._decode_infer_request, service, payload)
+            decoded = await loop.run_in_executor(None, self._decode_infer_request, service, payload, headers)
         elif isinstance(payload, RawBody):
             decoded = await loop.run_in_executor(None, service.decode, payload.body, payload.headers)
         else:  # v1: a JSON object (JSON form, state actions, OIP body) or raw image bytes
@@ -198,7 +198,7 @@ class ClipTTAModel(kserve.Model):
         return self.service.run_batch(requests)
 
     @staticmethod
-    def _decode_infer_request(service: Service, request: InferRequest) -> Decoded:
+    def _decode_infer_request(service: Service, request: InferRequest, headers: dict[str, str]) -> Decoded:
         """KServe's parsed InferRequest (gRPC) -> the OIP JSON shape the codec decodes."""
         try:
             inputs = []
@@ -216,7 +216,7 @@ class ClipTTAModel(kserve.Model):
         body: dict[str, Any] = {"id": request.id, "inputs": inputs, "parameters": params}
         if outputs:
             body["outputs"] = outputs
-        return service.decode(body)
+        return service.decode(body, headers)
 
     def _infer_response(self, reply: Reply, request: OipInfer, payload: InferRequest | RawBody) -> InferResponse:
         outputs = [InferOutput(o["name"], o["shape"], o["datatype"], data=o["data"]) for o in reply.body["outputs"]]
