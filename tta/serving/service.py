@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from tta import state as tta_state
-from tta.engine import Engine, Prediction
-from tta.errors import TTAError
+from tta.drift import DriftConfig
+from tta.engine import Engine, Prediction, PredictRequest
+from tta.errors import TTAError, Unavailable
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
 from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
@@ -87,6 +88,8 @@ class Service:
         method = self.method_of(request)
         if isinstance(result, Failure):
             self.metrics.observe_outcome(self.model.name, result.method or method, result.outcome)
+            if result.code == Unavailable.code:  # stream state out of reach (a model failing to load is not)
+                self.metrics.observe_state_unavailable(self.model.name, result.method or method)
             log.info("request -> %d %s: %s", result.status, result.code, result.message)
             return Reply(result.status, result.body(), result.method or method, kind="error")
         if isinstance(result, dict):  # state actions are counted in tta_state_actions only
@@ -109,8 +112,54 @@ class Service:
         return self.run_batch([self.decode(body, headers) for body, headers in requests])
 
     def run_batch(self, requests: Sequence[Decoded]) -> list[Reply]:
-        """run + encode for decoded requests, one reply each, in order (the seam for batched runs)."""
-        return [self.encode(request, self.run(request)) for request in requests]
+        """run + encode for decoded requests, one reply each, in order.
+
+        The predictions run as one `Engine.predict_batch` (shared image-encoder passes); a state
+        action splits the batch there, so it sees exactly the state it would see one by one.
+        """
+        results: list[Result | None] = [None] * len(requests)
+        segment: list[int] = []
+        for index, request in enumerate(requests):
+            if isinstance(request, Predict | OipInfer):
+                segment.append(index)
+                continue
+            self._run_segment(requests, segment, results)
+            segment = []
+            results[index] = self.run(request)
+        self._run_segment(requests, segment, results)
+        return [self.encode(request, result) for request, result in zip(requests, results, strict=True)]
+
+    def _run_segment(self, requests: Sequence[Decoded], indices: list[int], results: list[Result | None]) -> None:
+        """Predict every image of the requests at `indices` in one engine batch."""
+        if not indices:
+            return
+        items = [(i, item) for i in indices for item in _items(requests[i])]
+        try:
+            answers: list[Prediction | Exception] = self.engine.predict_batch([
+                PredictRequest(item.image, item.method, item.options, item.labels, item.top_k, item.seed,
+                               getattr(item, "deadline", None))  # the reliability branch's decoded deadline
+                for _, item in items
+            ])
+        except Exception:  # noqa: BLE001 - an engine bug: each request answers alone
+            log.exception("batched run failed; running the requests one by one")
+            for i in indices:
+                results[i] = self.run(requests[i])
+            return
+        per_request: dict[int, list[Prediction]] = {i: [] for i in indices}
+        for (i, item), answer in zip(items, answers, strict=True):
+            if isinstance(results[i], Failure):
+                continue
+            if isinstance(answer, Exception):
+                if not isinstance(answer, TTAError):
+                    log.error("request failed unexpectedly", exc_info=answer)
+                results[i] = codec.failure(answer, self.method_of(requests[i]))
+                continue
+            per_request[i].append(self._finish(item, answer))
+        for i in indices:
+            if results[i] is None:
+                results[i] = per_request[i]
+        shared = sum(1 for a in answers if not isinstance(a, Exception) and "batch" in a.extra)
+        self.metrics.observe_batch(self.model.name, len(items), shared)
 
     def method_of(self, request: Decoded) -> str:
         """The method a request runs with (metrics label): its own, else the deployment default."""
@@ -123,6 +172,10 @@ class Service:
             request.image, method=request.method, options=request.options, labels=request.labels,
             top_k=request.top_k, seed=request.seed,
         )
+        return self._finish(request, prediction)
+
+    def _finish(self, request: Predict, prediction: Prediction) -> Prediction:
+        """Request-level timings (decode, total since arrival) and metrics of one answer."""
         timings = {"decode": request.decode_ms, **prediction.timings_ms}
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
         prediction.timings_ms = timings
@@ -132,12 +185,16 @@ class Service:
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m, name = self.metrics, self.model.name
         m.observe_stages(name, prediction.method, prediction.timings_ms)
+        if prediction.extra.get("fallback"):
+            m.observe_fallback(name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
-            prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
+            prediction.changed_by_adaptation, prediction.drift, custom_labels=custom_labels,
         )
         if self.engine.method(prediction.method).scope == "stream":
             m.observe_state(name, prediction.method, self.engine.state_summary(prediction.method))
+        if "tier" in prediction.extra:
+            m.observe_tier(name, prediction.method, str(prediction.extra["tier"]), bool(prediction.extra.get("escalated")))
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
@@ -166,6 +223,11 @@ class Service:
             return {**base, "imported": True, "state": engine.state_summary(method)}
         assert request.image is not None and request.label is not None  # decode_action guarantees both
         return {**base, "feedback": engine.feedback(request.image, request.label, method, seed=request.seed)}
+
+
+def _items(request: Decoded) -> list[Predict]:
+    """The images a decoded prediction request asks for (one, or an OIP request's list)."""
+    return [request] if isinstance(request, Predict) else list(request.items)  # type: ignore[union-attr]
 
 
 # --- building a worker from a deployment config ------------------------------------------------------
@@ -200,9 +262,12 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         method_defaults=config.get("method_defaults") or {},
         max_labels=int(config.get("max_labels", 1000)),
         seed=int(config.get("seed", 0)),
+        drift=DriftConfig.from_mapping(config),
+        max_batch_images=int(config.get("max_batch_images", 256)),
     )
     if metrics is None:
-        metrics = ServingMetrics(drift_reference_size=int(config.get("drift_reference_size", 256)))
+        metrics = ServingMetrics()
+    metrics.observe_worker_start(model_name)
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits)
@@ -229,4 +294,9 @@ def start_exporter(config: Mapping[str, Any], metrics: ServingMetrics) -> Export
 def warm_up(service: Service) -> None:
     """Build the default label set's text features before the first request, not during it."""
     image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
-    service.engine.predict(image, method="zeroshot", top_k=1)
+    engine = service.engine
+    drift, engine.drift = engine.drift, None  # a grey square is no traffic: keep it out of drift
+    try:
+        engine.predict(image, method="zeroshot", top_k=1)
+    finally:
+        engine.drift = drift
