@@ -31,6 +31,7 @@ from tests.integration.torchserve import BIN, REPO, free_port
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(3600),  # the build alone takes ~10 min on 2 cores
     pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah not installed (apt-get install buildah)"),
 ]
 LABELS = ["cat", "dog", "coffee", "rocket", "astronaut"]
@@ -105,6 +106,7 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
         "TS_INITIAL_WORKER_PORT": str(ports["worker"]), "HF_HUB_OFFLINE": "1",
     }
     mark = f"CLIP_TTA_IMAGE_TEST={uuid.uuid4().hex}"
+    started = time.monotonic()
     ctr = buildah("from", image)
     process = None
     log = tmp_path / "container.log"
@@ -132,6 +134,8 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
             time.sleep(1)  # poll interval of a deadline loop
         else:
             pytest.fail(f"not ready in 600 s:\n{log.read_text(errors='replace')[-4000:]}")
+        print(f"TorchServe in the image answering {time.monotonic() - started:.0f} s after start "
+              f"(archive built from MODEL=tiny-random at start)")
 
         reply = requests.post(f"{env['TS_INFERENCE_ADDRESS']}/predictions/clip", data=photo.read_bytes(),
                               headers={"Authorization": f"Bearer {keys['inference']['key']}",
