@@ -138,9 +138,12 @@ class Engine:
                 cls = get_method_class(name)
                 defaults = cls.Options.from_dict(self._method_defaults.get(name))
                 instance = cls(self.clip, defaults)
-                bind = getattr(instance, "bind_engine", None)
-                if bind is not None:  # a method that runs others (auto's stream tier) gets the lookup
-                    bind(self.method)
+                bind_engine = getattr(instance, "bind_engine", None)
+                if bind_engine is not None:  # a method that runs others (auto's stream tier) gets the lookup
+                    bind_engine(self.method)
+                bind_deployment = getattr(instance, "bind_deployment", None)
+                if bind_deployment is not None:  # stream state: the deployment's labels, and its classifier for replayed ops
+                    bind_deployment(self.labels.names, lambda: self.text_cache.get(self.clip, self.labels))
                 self._methods[name] = instance
             return self._methods[name]
 

@@ -66,9 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="extra tta-only metrics exporter port (0: none; tta metrics are on the HTTP "
                              "port's /metrics anyway; env TTA_METRICS_PORT wins)")
-    parser.add_argument("--state-dir", help="folder for stream-method state snapshots (default: env TTA_STATE_DIR)")
-    parser.add_argument("--state-sync", choices=("shared", "interval"),
-                        help="how processes share stream state (default: env TTA_STATE_SYNC or shared)")
+    parser.add_argument("--state-url", help="Redis URL holding the stream-method state shared by every replica "
+                                            "(redis://HOST:PORT/DB, rediss:// for TLS; env TTA_STATE_URL wins; put a "
+                                            "password in TTA_STATE_PASSWORD rather than on the command line)")
+    parser.add_argument("--state-dir", help="folder for stream-method state snapshots of a single process "
+                                            "(default: env TTA_STATE_DIR)")
+    parser.add_argument("--state-every", type=int, help="operations between state snapshots (default: 50 files, "
+                                                        "1000 Redis)")
     parser.add_argument("--token-file", help=f"file holding the bearer token infer requests must send "
                                              f"(default: env {TOKEN_ENV}; none: no authentication)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction")
@@ -93,7 +97,7 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
         "method_defaults": method_defaults, "max_labels": args.max_labels,
         "max_image_pixels": args.max_image_pixels, "max_image_bytes": args.max_image_bytes,
         "metrics_port": args.metrics_port, "warmup": not args.no_warmup, "device": args.device,
-        "state_dir": args.state_dir, "state_sync": args.state_sync,
+        "state_dir": args.state_dir, "state_url": args.state_url, "state_every": args.state_every,
     }
     if args.labels_file:
         config["labels_file"] = str(Path(args.labels_file).resolve())
