@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "state (without it the extra workers refuse stream requests with 503) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
     parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to fill a batch (default: %(default)s)")
+    parser.add_argument("--max-batch-images", type=int, default=256,
+                        help="images per shared image-encoder pass when a batch runs together (multi-view "
+                             "requests are packed whole) (default: %(default)s)")
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds per batch (default: %(default)s)")
     parser.add_argument("--startup-timeout", type=int, default=600,
                         help="seconds to load weights and warm up (default: %(default)s)")
@@ -104,6 +107,7 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "default_method": args.method,
             "method_defaults": method_defaults,
             "max_labels": args.max_labels,
+            "max_batch_images": args.max_batch_images,
             "max_image_pixels": args.max_image_pixels,
             "max_image_bytes": args.max_image_bytes,
             "metrics_port": args.metrics_port,
@@ -137,7 +141,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         DriftConfig(args.drift_reference_size, args.drift_window)
     except ValueError as exc:
         raise TTAError(str(exc)) from exc
-    for flag in ("workers", "batch_size"):
+    for flag in ("workers", "batch_size", "max_batch_images"):
         if getattr(args, flag) < 1:
             raise TTAError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.state_url:
