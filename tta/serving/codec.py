@@ -67,6 +67,7 @@ class Predict:
     seed: int | None = None
     decode_ms: float = 0.0
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when the request arrived
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-case; for checks before `run`
 
 
 @dataclass
@@ -76,6 +77,7 @@ class OipInfer:
     items: list[Predict]
     id: str | None = None
     outputs: list[dict[str, Any]] | None = None  # requested outputs ({"name", "parameters"}); None = all
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def method(self) -> str | None:
@@ -92,6 +94,7 @@ class Action:
     label: str | None = None
     image: torch.Tensor | None = None
     seed: int | None = None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. credentials for privileged actions
 
 
 @dataclass
@@ -142,18 +145,23 @@ def decode(body: Any, headers: Mapping[str, str] | None = None, limits: Limits =
     """
     started = time.perf_counter()
     method: str | None = None
+    headers = dict(headers or {})
     try:
-        payload = _parse_body(body, headers or {}, limits)
+        payload = _parse_body(body, headers, limits)
         if isinstance(payload, torch.Tensor):
-            return Predict(payload, decode_ms=(time.perf_counter() - started) * 1000.0, started=started)
-        method = _method_hint(payload)
-        if "inputs" in payload:
-            return decode_oip(payload, limits, started=started)
-        if "action" in payload:
-            return decode_action(payload, limits)
-        return decode_json(payload, limits, started=started)
+            request: Request = Predict(payload, decode_ms=(time.perf_counter() - started) * 1000.0, started=started)
+        else:
+            method = _method_hint(payload)
+            if "inputs" in payload:
+                request = decode_oip(payload, limits, started=started)
+            elif "action" in payload:
+                request = decode_action(payload, limits)
+            else:
+                request = decode_json(payload, limits, started=started)
     except BadRequest as exc:
         return failure(exc, method)
+    request.headers = headers
+    return request
 
 
 def _method_hint(payload: Mapping[str, Any]) -> str | None:
