@@ -130,6 +130,7 @@ class MethodInput:
     generator: torch.Generator
     timer: StageTimer
     is_default_labels: bool = True  # the deployment's label set (stream state is kept for it only)
+    deadline: float | None = None  # absolute time.monotonic() by which the answer is due; None = none
 
 
 @dataclass
