@@ -13,5 +13,5 @@ archive:  ## build model_store/$(NAME).mar only
 test-serving:  ## real-TorchServe integration tests
 	.venv/bin/pytest -q tests/integration
 
-k8s:  ## render the kustomize base offline
-	kubectl kustomize k8s/
+k8s:  ## render both kustomize overlays offline
+	kubectl kustomize k8s/overlays/gpu >/dev/null && kubectl kustomize k8s/overlays/cpu

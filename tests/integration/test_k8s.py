@@ -1,4 +1,4 @@
-"""The kustomize base renders offline, validates against the Kubernetes schemas, and its pieces fit."""
+"""The kustomize overlays render offline, validate against the Kubernetes schemas, and their pieces fit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,12 +14,12 @@ import yaml
 from tests.integration.torchserve import REPO
 
 K8S = REPO / "k8s"
+OVERLAYS = ("gpu", "cpu")
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 
 
-@pytest.fixture(scope="module")
-def manifests() -> dict[str, dict]:
-    rendered = subprocess.run(["kubectl", "kustomize", str(K8S)], check=True, capture_output=True, text=True,
+def render(path: Path) -> dict[str, dict]:
+    rendered = subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True,
                               timeout=120).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     by_kind: dict[str, dict] = {}
@@ -26,6 +27,21 @@ def manifests() -> dict[str, dict]:
         key = doc["kind"] if doc["kind"] != "ConfigMap" else f"ConfigMap/{doc['metadata']['name'].rsplit('-', 1)[0]}"
         by_kind[key] = doc
     return by_kind
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def manifests(request: pytest.FixtureRequest) -> dict[str, dict]:
+    return render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def gpu() -> dict[str, dict]:
+    return render(K8S / "overlays" / "gpu")
+
+
+@pytest.fixture(scope="module")
+def cpu() -> dict[str, dict]:
+    return render(K8S / "overlays" / "cpu")
 
 
 def test_builtin_kinds_validate_strictly(manifests: dict[str, dict]) -> None:
@@ -38,10 +54,21 @@ def test_builtin_kinds_validate_strictly(manifests: dict[str, dict]) -> None:
     assert {"Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy", "ServiceMonitor"} <= set(manifests)
 
 
-def test_deployment_gets_a_gpu_probes_and_both_metrics_ports(manifests: dict[str, dict]) -> None:
+def test_only_the_gpu_overlay_asks_for_a_gpu(gpu: dict[str, dict], cpu: dict[str, dict]) -> None:
+    def gpus(manifests: dict[str, dict]) -> list[object]:
+        pod = manifests["Deployment"]["spec"]["template"]["spec"]
+        return [c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+                for c in pod.get("initContainers", []) + pod["containers"]]
+
+    assert gpus(gpu) == [None, 1] and gpus(cpu) == [None, None]
+    gpu_pod, cpu_pod = (m["Deployment"]["spec"]["template"]["spec"] for m in (gpu, cpu))
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu_pod["tolerations"]) and gpu_pod["nodeSelector"]
+    assert "tolerations" not in cpu_pod and "nodeSelector" not in cpu_pod
+
+
+def test_deployment_probes_and_both_metrics_ports(manifests: dict[str, dict]) -> None:
     pod = manifests["Deployment"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/ping"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
