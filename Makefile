@@ -2,7 +2,7 @@
 MODEL ?= ViT-B-16:openai
 NAME ?= clip
 
-.PHONY: serve archive test-serving k8s
+.PHONY: serve archive test-serving k8s soak
 
 serve:  ## install, build the archive, run TorchServe in the foreground (MODEL=tiny-random offline)
 	MODEL=$(MODEL) NAME=$(NAME) bash scripts/serve.sh
@@ -15,3 +15,6 @@ test-serving:  ## real-TorchServe integration tests
 
 k8s:  ## render both kustomize overlays offline
 	kubectl kustomize k8s/overlays/gpu >/dev/null && kubectl kustomize k8s/overlays/cpu
+
+soak:  ## bounded mixed load (3,000 requests, hostile inputs included) on 127.0.0.1; writes bench/results/soak.json
+	.venv/bin/python -m bench.soak --requests $(or $(REQUESTS),3000) --concurrency $(or $(CONCURRENCY),8) --max-seconds $(or $(SECONDS_MAX),900)
