@@ -1,0 +1,452 @@
+"""Request decoding, response encoding and core error -> HTTP status, for every server adapter.
+
+No server framework is imported here: an adapter hands over the body (bytes, text or an already
+parsed JSON object) and lower-cased headers, and gets back one of
+
+- `Predict`: one decoded image plus the request's parameters (raw image bytes or the JSON form
+  ``{"image": "<base64>", "method", "top_k", "labels", "options", "seed"}``);
+- `OipInfer`: an Open Inference Protocol v2 request (``{"inputs": [...], "parameters": {...}}``),
+  one `Predict` per image of its BYTES inputs (base64 text, or raw bytes through tritonclient's
+  binary tensor extension);
+- `Action`: a stream-state action ``{"action": "state"|"reset"|"export"|"import"|"feedback", ...}``;
+- `Failure`: what to answer instead (status, error code, message), never an exception.
+
+Decoding is a phase of its own (decode -> run -> encode) so a batch of decoded requests can be
+run together and admission checks can sit between decoding and running. Encoding turns answers
+into the JSON bodies both servers send, and `failure` maps the core's errors to status codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tta.engine import Prediction
+from tta.errors import BadRequest, ModelUnavailable, Unavailable
+from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+
+JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed"})
+OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed")
+ACTIONS = ("state", "reset", "export", "import", "feedback")
+STATUS_BY_CODE = {"image_too_large": 413, "request_too_large": 413}
+PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+OIP_LENGTH_HEADER = "inference-header-content-length"
+OIP_OUTPUTS = ("labels", "probabilities")
+TENSOR_TAG = "__tensor__"
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-deployment input limits, checked while decoding (before any model work)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Predict:
+    """One image to classify. `method` None means the deployment's default."""
+
+    image: torch.Tensor
+    method: str | None = None
+    top_k: Any = DEFAULT_TOP_K  # the Engine checks the range, so its message is the same everywhere
+    labels: list[str] | None = None
+    options: dict[str, Any] | None = None
+    seed: int | None = None
+    decode_ms: float = 0.0
+    started: float = field(default_factory=time.perf_counter)  # perf_counter() when the request arrived
+
+
+@dataclass
+class OipInfer:
+    """An OIP v2 infer request: every image of its inputs, sharing the request's parameters."""
+
+    items: list[Predict]
+    id: str | None = None
+
+    @property
+    def method(self) -> str | None:
+        return self.items[0].method if self.items else None
+
+
+@dataclass
+class Action:
+    """A stream-state action; `state` (import) and `image` (feedback) are already decoded."""
+
+    action: str
+    method: str | None = None
+    state: dict[str, Any] | None = None
+    label: str | None = None
+    image: torch.Tensor | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Failure:
+    """The answer to a request that cannot be served: HTTP status, error code, message."""
+
+    status: int
+    code: str
+    message: str
+    method: str | None = None  # for metrics labels, when the request named one
+
+    @property
+    def outcome(self) -> str:
+        return "client_error" if self.status < 500 else "server_error"
+
+    @property
+    def phrase(self) -> str:
+        return PHRASES.get(self.status, "Error")
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+Request = Predict | OipInfer | Action
+Decoded = Request | Failure
+
+
+# --- errors -> status ----------------------------------------------------------------------------
+def failure(exc: BaseException, method: str | None = None) -> Failure:
+    """Map a core error to its answer: BadRequest -> 4xx by code, unavailable -> 503, else 500."""
+    if isinstance(exc, BadRequest):
+        return Failure(STATUS_BY_CODE.get(exc.code, 400), exc.code, str(exc), method)
+    if isinstance(exc, ModelUnavailable | Unavailable):
+        return Failure(503, getattr(exc, "code", "unavailable"), str(exc), method)
+    return Failure(500, "internal", "internal error; see the server log", method)
+
+
+def _bad(message: str, code: str) -> BadRequest:
+    return BadRequest(message, code=code)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+def decode(body: Any, headers: Mapping[str, str] | None = None, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Any accepted body -> a typed request, or the `Failure` to answer; bad input never raises.
+
+    `body` is what the server received: bytes/bytearray, text, an already parsed JSON object, or
+    None for an empty request. `headers` must have lower-case names.
+    """
+    started = time.perf_counter()
+    method: str | None = None
+    try:
+        payload = _parse_body(body, headers or {}, limits)
+        if isinstance(payload, torch.Tensor):
+            return Predict(payload, decode_ms=(time.perf_counter() - started) * 1000.0, started=started)
+        method = _method_hint(payload)
+        if "inputs" in payload:
+            return decode_oip(payload, limits, started=started)
+        if "action" in payload:
+            return decode_action(payload, limits)
+        return decode_json(payload, limits, started=started)
+    except BadRequest as exc:
+        return failure(exc, method)
+
+
+def _method_hint(payload: Mapping[str, Any]) -> str | None:
+    """The method a JSON request names (for metrics labels even when it fails to decode)."""
+    params = payload.get("parameters") if "inputs" in payload else payload
+    value = params.get("method") if isinstance(params, Mapping) else None
+    return str(value) if value else None
+
+
+def _parse_body(body: Any, headers: Mapping[str, str], limits: Limits) -> Any:
+    """Body -> a decoded image tensor (raw image bytes) or a JSON object."""
+    if body is None:
+        raise _bad("empty request body: send an image or a JSON object", code="empty_body")
+    if isinstance(body, bytes | bytearray) and OIP_LENGTH_HEADER in headers:
+        return decode_oip_binary(bytes(body), headers[OIP_LENGTH_HEADER])
+    if isinstance(body, bytes | bytearray):
+        content_type = headers.get("content-type", "")
+        if "json" in content_type or bytes(body[:64]).lstrip()[:1] in (b"{", b"["):
+            body = parse_json(bytes(body))
+        else:
+            return decode_image(body, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+    if isinstance(body, str):
+        body = parse_json(body.encode("utf-8"))
+    if not isinstance(body, dict):
+        raise _bad("expected an image or a JSON object", code="bad_json")
+    return body
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"malformed JSON: {exc}", code="malformed_json") from exc
+
+
+def decode_base64_image(value: Any, limits: Limits) -> tuple[torch.Tensor, float]:
+    """The JSON form's 'image' (base64, or a data: URL) -> uint8 [3, H, W] and its decode time in ms."""
+    start = time.perf_counter()
+    if not isinstance(value, str | bytes) or not value:
+        raise _bad("'image' must be a non-empty base64 string", code="empty_body")
+    if isinstance(value, str) and value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]  # data URLs from browsers
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(f"'image' is not valid base64: {exc}", code="bad_base64") from exc
+    image = decode_image(raw, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+    return image, (time.perf_counter() - start) * 1000.0
+
+
+def decode_image_element(value: Any, limits: Limits) -> tuple[torch.Tensor, float]:
+    """One element of an OIP BYTES tensor: base64 text (JSON, or bytes of it) or raw image bytes.
+
+    Encoded images are never valid base64 (their magic numbers hold non-base64 bytes), so bytes
+    that are base64 are decoded as text first.
+    """
+    if isinstance(value, bytes | bytearray) and not _looks_base64(bytes(value)):
+        start = time.perf_counter()
+        image = decode_image(bytes(value), max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+        return image, (time.perf_counter() - start) * 1000.0
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii")
+    return decode_base64_image(value, limits)
+
+
+def _check_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Type checks shared by the JSON form and OIP parameters; ranges are the Engine's."""
+    method = request.get("method")
+    if method is not None and not isinstance(method, str):
+        raise _bad("'method' must be a string", code="unknown_method")
+    labels = request.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise _bad("'labels' must be a list of strings", code="bad_labels")
+    options = request.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'options' must be a JSON object", code="bad_options")
+    seed = request.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad("'seed' must be an integer", code="bad_options")
+    top_k = request.get("top_k")
+    return {"method": method or None, "labels": labels, "options": options, "seed": seed,
+            "top_k": DEFAULT_TOP_K if top_k is None else top_k}
+
+
+def decode_json(payload: Mapping[str, Any], limits: Limits, started: float | None = None) -> Predict:
+    """The JSON form ``{"image": base64, "method", "top_k", "labels", "options", "seed"}``."""
+    started = time.perf_counter() if started is None else started
+    unknown = sorted(set(payload) - JSON_FIELDS)
+    if unknown:
+        raise _bad(f"unknown field(s) {unknown}; known: {sorted(JSON_FIELDS)}", code="unknown_field")
+    if "image" not in payload:
+        raise _bad("JSON requests need an 'image' field (base64)", code="empty_body")
+    image, decode_ms = decode_base64_image(payload["image"], limits)
+    return Predict(image, decode_ms=decode_ms, started=started, **_check_parameters(payload))
+
+
+def decode_action(payload: Mapping[str, Any], limits: Limits) -> Action:
+    """``{"action": ..., "method": ...}`` plus 'state' (import) or 'label' + 'image' (feedback)."""
+    action = payload.get("action")
+    method = payload.get("method") or None
+    if action not in ACTIONS:
+        raise _bad(f"unknown action {action!r}; known: {list(ACTIONS)}", code="unknown_action")
+    if method is not None and not isinstance(method, str):
+        raise _bad("'method' must be a string", code="unknown_method")
+    request = Action(str(action), method)
+    if action == "import":
+        state = payload.get("state")
+        if not isinstance(state, dict):
+            raise _bad("'state' must be the JSON object an 'export' returned", code="bad_state")
+        request.state = decode_state(state)
+    elif action == "feedback":
+        label = payload.get("label")
+        if not isinstance(label, str):
+            raise _bad("feedback needs 'label' (a class of the deployment's label set)", code="bad_labels")
+        request.label = label
+        request.image, _ = decode_base64_image(payload.get("image"), limits)
+        seed = payload.get("seed")
+        request.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return request
+
+
+def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None = None) -> OipInfer:
+    """OIP v2 JSON: every element of every BYTES input is one image; parameters apply to all."""
+    started = time.perf_counter() if started is None else started
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("'parameters' must be an object", code="bad_json")
+    params = {k: params.get(k) for k in OIP_PARAMETERS}
+    if isinstance(params["options"], str):  # tritonclient parameters are scalars: options come as JSON text
+        params["options"] = parse_json(params["options"].encode("utf-8"))
+    if isinstance(params["labels"], str):
+        params["labels"] = parse_json(params["labels"].encode("utf-8"))
+    checked = _check_parameters(params)
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("OIP 'inputs' must be a non-empty list", code="bad_json")
+    elements = [element for item in inputs for element in oip_elements(item)]
+    if not elements:
+        raise _bad("no image in the OIP inputs", code="empty_body")
+    items = []
+    for element in elements:
+        item_start = time.perf_counter() if items else started
+        image, decode_ms = decode_image_element(element, limits)
+        items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
+    request_id = payload.get("id")
+    return OipInfer(items, str(request_id) if request_id else None)
+
+
+def oip_elements(item: Any) -> list[Any]:
+    """The elements of one OIP input, row-major (nested lists flattened)."""
+    if not isinstance(item, dict) or item.get("datatype") != "BYTES":
+        raise _bad("OIP inputs must be BYTES tensors holding encoded images (base64)", code="bad_json")
+    data = item.get("data")
+    if isinstance(data, str | bytes):
+        data = [data]
+    if not isinstance(data, list):
+        raise _bad("OIP input 'data' must be a list of base64 strings", code="bad_json")
+    flat: list[Any] = []
+    stack = list(reversed(data))
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(reversed(value))
+        else:
+            flat.append(value)
+    return flat
+
+
+def decode_oip_binary(body: bytes, header_length: str) -> dict[str, Any]:
+    """tritonclient's binary tensor extension: a JSON header, then each input's raw bytes.
+
+    Binary inputs get their elements (still encoded bytes) as 'data'; `decode_oip` decodes them.
+    """
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise _bad("Inference-Header-Content-Length must be an integer", code="bad_json") from None
+    if not 0 < size <= len(body):
+        raise _bad("Inference-Header-Content-Length is outside the body", code="bad_json")
+    payload = parse_json(body[:size])
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        raise _bad("OIP header must be a JSON object with 'inputs'", code="bad_json")
+    offset = size
+    for item in payload["inputs"]:
+        if not isinstance(item, dict):
+            raise _bad("OIP inputs must be objects", code="bad_json")
+        n = (item.get("parameters") or {}).get("binary_data_size")
+        if n is None:
+            continue
+        if item.get("datatype") != "BYTES" or not isinstance(n, int) or n < 0 or offset + n > len(body):
+            raise _bad("binary OIP input must be BYTES with a binary_data_size inside the body", code="bad_json")
+        item["data"] = split_bytes_tensor(body[offset:offset + n])
+        offset += n
+    return payload
+
+
+def split_bytes_tensor(blob: bytes) -> list[bytes]:
+    """Triton's BYTES serialisation: each element is a 4-byte little-endian length + its bytes."""
+    out, offset = [], 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            raise _bad("truncated BYTES tensor", code="bad_json")
+        (length,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + length > len(blob):
+            raise _bad("truncated BYTES tensor", code="bad_json")
+        out.append(blob[offset:offset + length])
+        offset += length
+    return out
+
+
+def _looks_base64(raw: bytes) -> bool:
+    try:
+        base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+# --- state (export/import) -------------------------------------------------------------------------
+def encode_state(value: Any) -> Any:
+    """Exported state as JSON: tensors become {"__tensor__": dtype, "shape", "b64"}, bit-exact."""
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().contiguous().numpy()
+        return {TENSOR_TAG: str(array.dtype), "shape": list(array.shape),
+                "b64": base64.b64encode(array.tobytes()).decode("ascii")}
+    if isinstance(value, Mapping):
+        return {str(k): encode_state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_state(v) for v in value]
+    return value
+
+
+def decode_state(value: Any) -> Any:
+    """Inverse of `encode_state` for an 'import' request; malformed tensors are the caller's error."""
+    if isinstance(value, dict) and TENSOR_TAG in value:
+        import numpy as np
+
+        try:
+            array = np.frombuffer(base64.b64decode(value["b64"], validate=True), dtype=np.dtype(value[TENSOR_TAG]))
+            return torch.from_numpy(array.reshape(value["shape"]).copy())
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise _bad(f"malformed tensor in 'state': {exc}", code="bad_state") from exc
+    if isinstance(value, dict):
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value
+
+
+# --- encoding ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What every answer names: the served model, its version, the CLIP behind it."""
+
+    name: str
+    version: str
+    clip: str
+
+
+def encode_prediction(prediction: Prediction, model: ModelInfo) -> dict[str, Any]:
+    """The JSON form's answer (`Prediction.to_dict` plus the model it came from)."""
+    return {**prediction.to_dict(), "model": model.name, "model_version": model.version, "clip_model": model.clip}
+
+
+def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str | None = None) -> dict[str, Any]:
+    """OIP v2 answer: `labels` (BYTES) and `probabilities` (FP32), both [images, k], best first."""
+    labels = [[t["label"] for t in p.top_k] for p in predictions]
+    probs = [[t["score"] for t in p.top_k] for p in predictions]
+    k = len(labels[0]) if labels else 0
+    response: dict[str, Any] = {
+        "model_name": model.name, "model_version": model.version,
+        "outputs": [
+            {"name": "labels", "datatype": "BYTES", "shape": [len(labels), k], "data": sum(labels, [])},
+            {"name": "probabilities", "datatype": "FP32", "shape": [len(probs), k], "data": sum(probs, [])},
+        ],
+    }
+    if request_id:
+        response["id"] = request_id
+    return response
+
+
+def dumps(body: Any) -> str:
+    """JSON text of an answer (tensors, bytes and numpy scalars included)."""
+    return json.dumps(body, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, set | tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,225 @@
+"""The server-agnostic worker: build it from a deployment config, then decode -> run -> encode.
+
+Both adapters (TorchServe's handler, KServe's model) hold one `Service` and call it, so the
+answers, the status codes and the Prometheus metrics are the same whichever server is in front.
+The phases are separate methods so a batch can be decoded first, checked (admission), run
+together, then encoded one answer per request; a failing request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tta import state as tta_state
+from tta.engine import Engine, Prediction
+from tta.errors import TTAError
+from tta.metrics import Exporter, ServingMetrics
+from tta.serving import codec
+from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
+
+log = logging.getLogger(__name__)
+
+Result = list[Prediction] | dict[str, Any] | Failure  # what `run` produced for one request
+
+
+@dataclass
+class Reply:
+    """One answer: HTTP status and JSON body (`text()` for the bytes on the wire)."""
+
+    status: int
+    body: dict[str, Any]
+    method: str
+    kind: str = "json"  # "json" (JSON form, actions), "oip" (OIP v2 response) or "error"
+    predictions: list[Prediction] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+    def text(self) -> str:
+        return codec.dumps(self.body)
+
+
+class Service:
+    """One worker's request runner over an `Engine`, with its metrics."""
+
+    def __init__(self, engine: Engine, metrics: ServingMetrics, model: ModelInfo,
+                 limits: Limits = codec.DEFAULT_LIMITS) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model = model
+        self.limits = limits
+
+    # --- the three phases ------------------------------------------------------------------------
+    def decode(self, body: Any, headers: Mapping[str, str] | None = None) -> Decoded:
+        """Bytes/text/JSON -> a typed request or a `Failure` (see `tta.serving.codec.decode`)."""
+        return codec.decode(body, headers, self.limits)
+
+    def run(self, request: Decoded) -> Result:
+        """Call the Engine for one decoded request; errors become a `Failure`, never an exception."""
+        if isinstance(request, Failure):
+            return request
+        try:
+            if isinstance(request, Predict):
+                return [self._predict(request)]
+            if isinstance(request, OipInfer):
+                return [self._predict(item) for item in request.items]
+            return self._action(request)
+        except Exception as exc:  # noqa: BLE001 - one request must never take its neighbours down
+            if not isinstance(exc, TTAError):
+                log.exception("request failed unexpectedly")
+            return codec.failure(exc, self.method_of(request))
+
+    def encode(self, request: Decoded, result: Result) -> Reply:
+        """The answer for one request, counting its outcome."""
+        method = self.method_of(request)
+        if isinstance(result, Failure):
+            self.metrics.observe_outcome(self.model.name, result.method or method, result.outcome)
+            log.info("request -> %d %s: %s", result.status, result.code, result.message)
+            return Reply(result.status, result.body(), result.method or method, kind="error")
+        if isinstance(result, dict):  # state actions are counted in tta_state_actions only
+            return Reply(200, result, method)
+        outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
+        self.metrics.observe_outcome(self.model.name, method, outcome)
+        if isinstance(request, OipInfer):
+            return Reply(200, codec.encode_oip(result, self.model, request.id), method, kind="oip",
+                         predictions=result)
+        return Reply(200, codec.encode_prediction(result[0], self.model), method, predictions=result)
+
+    # --- conveniences ------------------------------------------------------------------------------
+    def handle(self, body: Any, headers: Mapping[str, str] | None = None) -> Reply:
+        """decode -> run -> encode for one request."""
+        request = self.decode(body, headers)
+        return self.encode(request, self.run(request))
+
+    def handle_batch(self, requests: Sequence[tuple[Any, Mapping[str, str] | None]]) -> list[Reply]:
+        """One reply per (body, headers), in order; each request fails alone."""
+        decoded = [self.decode(body, headers) for body, headers in requests]
+        return [self.encode(request, self.run(request)) for request in decoded]
+
+    def method_of(self, request: Decoded) -> str:
+        """The method a request runs with (metrics label): its own, else the deployment default."""
+        method = request.method
+        return method if isinstance(method, str) and method else self.engine.default_method
+
+    # --- running -----------------------------------------------------------------------------------
+    def _predict(self, request: Predict) -> Prediction:
+        prediction = self.engine.predict(
+            request.image, method=request.method, options=request.options, labels=request.labels,
+            top_k=request.top_k, seed=request.seed,
+        )
+        timings = {"decode": request.decode_ms, **prediction.timings_ms}
+        timings["total"] = (time.perf_counter() - request.started) * 1000.0
+        prediction.timings_ms = timings
+        self._observe(prediction, custom_labels=request.labels is not None)
+        return prediction
+
+    def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
+        m, name = self.metrics, self.model.name
+        m.observe_stages(name, prediction.method, prediction.timings_ms)
+        m.observe_prediction(
+            name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
+            prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
+        )
+        if self.engine.method(prediction.method).scope == "stream":
+            m.observe_state(name, prediction.method, self.engine.state_summary(prediction.method))
+
+    def _action(self, request: Action) -> dict[str, Any]:
+        method = request.method or self.engine.default_method
+        outcome = "client_error"
+        try:
+            result = self._run_action(request, method)
+            outcome = "ok"
+            if isinstance(result.get("state"), Mapping) and request.action != "export":
+                self.metrics.observe_state(self.model.name, method, result["state"])
+            return result
+        finally:
+            self.metrics.state_actions.labels(self.model.name, method, request.action, outcome).inc()
+
+    def _run_action(self, request: Action, method: str) -> dict[str, Any]:
+        engine, action = self.engine, request.action
+        base = {"action": action, "method": method, "model": self.model.name, "model_version": self.model.version}
+        if action == "state":
+            return {**base, "state": engine.state_summary(method)}
+        if action == "reset":
+            engine.reset_state(method)
+            return {**base, "reset": True, "state": engine.state_summary(method)}
+        if action == "export":
+            return {**base, "state": codec.encode_state(engine.export_state(method))}
+        if action == "import":
+            engine.import_state(method, request.state or {})
+            return {**base, "imported": True, "state": engine.state_summary(method)}
+        assert request.image is not None and request.label is not None  # decode_action guarantees both
+        return {**base, "feedback": engine.feedback(request.image, request.label, method, seed=request.seed)}
+
+
+# --- building a worker from a deployment config ------------------------------------------------------
+def build_service(config: Mapping[str, Any], *, model_name: str, model_version: str = "1.0",
+                  model_dir: Path | str = ".", device: torch.device | None = None,
+                  metrics: ServingMetrics | None = None) -> Service:
+    """Load CLIP, the label set and the Engine as the `tta:` section of an archive's config says.
+
+    The same keys serve both servers: TorchServe reads them from the archive's model-config.yaml,
+    `tta serve` builds them from its flags. Does not warm up or start an exporter (see `warm_up`,
+    `start_exporter`), so an adapter can report "not ready" until both are done.
+    """
+    from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from tta.models import load_model, resolve_device
+    from tta.text import LabelSet, load_labels
+
+    model_dir = Path(model_dir)
+    device = device or resolve_device(config.get("device"))
+    configure_state(config, model_name)
+    labels_file = config.get("labels_file")
+    names = load_labels(model_dir / labels_file) if labels_file else load_labels(config["labels"])
+    labels = LabelSet.create(names, templates=config.get("templates", "single"))
+    spec = str(config.get("model", "tiny-random"))
+    clip = load_model(spec, device=device)
+    if config.get("image_encoder_onnx"):  # exported at archive time; used only where measured faster
+        from tta.onnx_encoder import enable_if_faster
+
+        enable_if_faster(clip, model_dir / str(config["image_encoder_onnx"]), mode=str(config.get("onnx", "auto")))
+    engine = Engine(
+        clip, labels,
+        default_method=str(config.get("default_method", "zeroshot")),
+        method_defaults=config.get("method_defaults") or {},
+        max_labels=int(config.get("max_labels", 1000)),
+        seed=int(config.get("seed", 0)),
+    )
+    if metrics is None:
+        metrics = ServingMetrics(drift_reference_size=int(config.get("drift_reference_size", 256)))
+    limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+                    max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
+    return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits)
+
+
+def configure_state(config: Mapping[str, Any], model_name: str) -> None:
+    """Stream-method state: namespaced by the served model; directory/sync from config or env."""
+    changes: dict[str, Any] = {"deployment": model_name}
+    for key, name in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every")):
+        if config.get(key) not in (None, ""):
+            changes[name] = config[key]
+    tta_state.configure(**changes)
+
+
+def start_exporter(config: Mapping[str, Any], metrics: ServingMetrics) -> Exporter | None:
+    """The tta /metrics exporter on TTA_METRICS_PORT (or the config's metrics_port); 0 disables it."""
+    port = int(os.environ.get("TTA_METRICS_PORT", config.get("metrics_port", 8083)))
+    address = os.environ.get("TTA_METRICS_ADDRESS", config.get("metrics_address", "127.0.0.1"))
+    if port <= 0:
+        return None
+    return Exporter(port, address, registry=metrics.registry).start()
+
+
+def warm_up(service: Service) -> None:
+    """Build the default label set's text features before the first request, not during it."""
+    image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    service.engine.predict(image, method="zeroshot", top_k=1)
