@@ -51,12 +51,25 @@ SHIFT_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3,
 
 STAGES: tuple[str, ...] = ("decode", "text", "augment", "generate", "encode", "adapt", "predict", "total")
 OUTCOMES: tuple[str, ...] = ("ok", "client_error", "server_error", "fallback")
+# Why an answer fell back to a cheaper path. A fixed set keeps the label bounded: methods report
+# free text in the response's "fallback" field, the metric maps anything unknown to "other".
+FALLBACK_REASONS: tuple[str, ...] = (
+    "deadline", "state_unavailable", "numerical", "over_budget", "generator_unavailable", "generation_disabled",
+    "other",
+)
+_FALLBACK_ALIASES = {"deadline_exceeded": "deadline"}
 CUSTOM_LABELS = "__request_labels__"  # class label used when a request brought its own label set
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def fallback_reason(value: object) -> str:
+    """A response's `fallback` value as one of `FALLBACK_REASONS` (never a request-derived string)."""
+    reason = _FALLBACK_ALIASES.get(str(value), str(value))
+    return reason if reason in FALLBACK_REASONS else "other"
 
 
 def normalized_entropy(probs: torch.Tensor) -> float:
@@ -142,6 +155,10 @@ class ServingMetrics:
             "Cosine distance of each image feature to the worker's reference mean feature",
             ["model"], buckets=SHIFT_BUCKETS, registry=r,
         )
+        self.fallbacks = Counter(
+            "tta_fallbacks", "Answers that fell back to a cheaper path, by reason (" + ", ".join(FALLBACK_REASONS) + ")",
+            ["model", "method", "reason"], registry=r,
+        )
         self.state_actions = Counter(
             "tta_state_actions", "Stream-state operations (state, reset, export, import, feedback) by outcome",
             ["model", "method", "action", "outcome"], registry=r,
@@ -157,6 +174,10 @@ class ServingMetrics:
         total = summary.get("total")
         if isinstance(total, int | float):
             self.state_entries.labels(model, method).set(float(total))
+
+    def observe_fallback(self, model: str, method: str, reason: object) -> None:
+        """One answer served by a fallback path; `reason` is mapped onto `FALLBACK_REASONS`."""
+        self.fallbacks.labels(model, method, fallback_reason(reason)).inc()
 
     def observe_stages(self, model: str, method: str, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():
