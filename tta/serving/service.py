@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any
 import torch
 
 from tta import state as tta_state
+from tta.admission import Budget
 from tta.engine import Engine, Prediction
 from tta.errors import TTAError
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
+from tta.serving.admin import AdminAuth
 from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class Reply:
     method: str
     kind: str = "json"  # "json" (JSON form, actions), "oip" (OIP v2 response) or "error"
     predictions: list[Prediction] = field(default_factory=list, repr=False)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Retry-After)
 
     @property
     def ok(self) -> bool:
@@ -52,31 +56,58 @@ class Service:
     """One worker's request runner over an `Engine`, with its metrics."""
 
     def __init__(self, engine: Engine, metrics: ServingMetrics, model: ModelInfo,
-                 limits: Limits = codec.DEFAULT_LIMITS) -> None:
+                 limits: Limits = codec.DEFAULT_LIMITS, budget: Budget | None = None,
+                 admin: AdminAuth | None = None, max_inflight: int = 0) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model = model
         self.limits = limits
+        self.budget = budget or engine.budget or Budget()  # every request gets a deadline
+        self.admin = admin or AdminAuth()  # none configured: privileged actions are refused (403)
+        self.max_inflight = max_inflight  # 0: no bound (TorchServe's queue bounds a worker's load)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # --- the three phases ------------------------------------------------------------------------
     def decode(self, body: Any, headers: Mapping[str, str] | None = None) -> Decoded:
         """Bytes/text/JSON -> a typed request or a `Failure` (see `tta.serving.codec.decode`)."""
         return codec.decode(body, headers, self.limits)
 
-    def run(self, request: Decoded) -> Result:
-        """Call the Engine for one decoded request; errors become a `Failure`, never an exception."""
+    def run(self, request: Decoded, started: float | None = None) -> Result:
+        """Call the Engine for one decoded request; errors become a `Failure`, never an exception.
+
+        `started` (`time.monotonic()`, default now) anchors the request's deadline: a batch passes
+        its own start so the whole batch finishes within the deadline, below the worker timeout.
+        """
         if isinstance(request, Failure):
             return request
+        if not self._enter():
+            return Failure(503, "overloaded", f"more than {self.max_inflight} requests in flight; retry later",
+                           self.method_of(request), retry_after=codec.RETRY_AFTER_S)
         try:
+            anchor = time.monotonic() if started is None else started
             if isinstance(request, Predict):
-                return [self._predict(request)]
+                return [self._predict(request, anchor)]
             if isinstance(request, OipInfer):
-                return [self._predict(item) for item in request.items]
+                return [self._predict(item, anchor) for item in request.items]
             return self._action(request)
         except Exception as exc:  # noqa: BLE001 - one request must never take its neighbours down
             if not isinstance(exc, TTAError):
                 log.exception("request failed unexpectedly")
             return codec.failure(exc, self.method_of(request))
+        finally:
+            self._leave()
+
+    def _enter(self) -> bool:
+        with self._inflight_lock:
+            if self.max_inflight and self._inflight >= self.max_inflight:
+                return False
+            self._inflight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def encode(self, request: Decoded, result: Result) -> Reply:
         """The answer for one request, counting its outcome."""
@@ -84,7 +115,8 @@ class Service:
         if isinstance(result, Failure):
             self.metrics.observe_outcome(self.model.name, result.method or method, result.outcome)
             log.info("request -> %d %s: %s", result.status, result.code, result.message)
-            return Reply(result.status, result.body(), result.method or method, kind="error")
+            headers = {"Retry-After": str(result.retry_after)} if result.retry_after is not None else {}
+            return Reply(result.status, result.body(), result.method or method, kind="error", headers=headers)
         if isinstance(result, dict):  # state actions are counted in tta_state_actions only
             return Reply(200, result, method)
         outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
@@ -102,8 +134,9 @@ class Service:
 
     def handle_batch(self, requests: Sequence[tuple[Any, Mapping[str, str] | None]]) -> list[Reply]:
         """One reply per (body, headers), in order; each request fails alone."""
+        started = time.monotonic()  # one deadline for the batch: it must end before the worker timeout
         decoded = [self.decode(body, headers) for body, headers in requests]
-        return [self.encode(request, self.run(request)) for request in decoded]
+        return [self.encode(request, self.run(request, started)) for request in decoded]
 
     def method_of(self, request: Decoded) -> str:
         """The method a request runs with (metrics label): its own, else the deployment default."""
@@ -111,10 +144,11 @@ class Service:
         return method if isinstance(method, str) and method else self.engine.default_method
 
     # --- running -----------------------------------------------------------------------------------
-    def _predict(self, request: Predict) -> Prediction:
+    def _predict(self, request: Predict, started: float | None = None) -> Prediction:
+        deadline = None if started is None else self.budget.deadline(request.deadline_ms, start=started)
         prediction = self.engine.predict(
             request.image, method=request.method, options=request.options, labels=request.labels,
-            top_k=request.top_k, seed=request.seed,
+            top_k=request.top_k, seed=request.seed, deadline=deadline,
         )
         timings = {"decode": request.decode_ms, **prediction.timings_ms}
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
@@ -125,6 +159,8 @@ class Service:
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m, name = self.metrics, self.model.name
         m.observe_stages(name, prediction.method, prediction.timings_ms)
+        if prediction.extra.get("fallback"):  # deadline, numerical, oom, generation fallbacks: one counter
+            m.observe_fallback(name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
             prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
@@ -134,8 +170,9 @@ class Service:
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
-        outcome = "client_error"
+        outcome, credential = "client_error", None
         try:
+            credential = self.admin.authorize(request.action, method, request.headers)
             result = self._run_action(request, method)
             outcome = "ok"
             if isinstance(result.get("state"), Mapping) and request.action != "export":
@@ -143,6 +180,8 @@ class Service:
             return result
         finally:
             self.metrics.state_actions.labels(self.model.name, method, request.action, outcome).inc()
+            if credential is not None:
+                self.admin.record(request.action, method, outcome, credential, request.headers)
 
     def _run_action(self, request: Action, method: str) -> dict[str, Any]:
         engine, action = self.engine, request.action
@@ -164,7 +203,8 @@ class Service:
 # --- building a worker from a deployment config ------------------------------------------------------
 def build_service(config: Mapping[str, Any], *, model_name: str, model_version: str = "1.0",
                   model_dir: Path | str = ".", device: torch.device | None = None,
-                  metrics: ServingMetrics | None = None) -> Service:
+                  metrics: ServingMetrics | None = None, response_timeout_s: float | None = None,
+                  admin: AdminAuth | None = None) -> Service:
     """Load CLIP, the label set and the Engine as the `tta:` section of an archive's config says.
 
     The same keys serve both servers: TorchServe reads them from the archive's model-config.yaml,
@@ -176,6 +216,8 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     from tta.text import LabelSet, load_labels
 
     model_dir = Path(model_dir)
+    budget = Budget.from_config(config)
+    budget.check_timeout(response_timeout_s)  # a deadline past the worker timeout would lose the batch
     device = device or resolve_device(config.get("device"))
     configure_state(config, model_name)
     labels_file = config.get("labels_file")
@@ -193,12 +235,15 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         method_defaults=config.get("method_defaults") or {},
         max_labels=int(config.get("max_labels", 1000)),
         seed=int(config.get("seed", 0)),
+        budget=budget,
     )
     if metrics is None:
         metrics = ServingMetrics(drift_reference_size=int(config.get("drift_reference_size", 256)))
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
-    return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits)
+    return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
+                   admin=admin or AdminAuth.from_config(config),
+                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0))
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:
