@@ -197,7 +197,7 @@ def json_cases(image: bytes | None = None) -> list[Case]:
          "4xx"),
         ("oip-data-garbage", {"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, "4xx"),
         ("oip-data-number", {"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": 5}]}, "4xx"),
-        ("oip-parameters-list", {"inputs": [{"name": "i", "datatype": "BYTES", "data": [img]}], "parameters": []},
+        ("oip-parameters-list", {"inputs": [{"name": "i", "datatype": "BYTES", "data": [img]}], "parameters": [1]},
          "4xx"),
         ("oip-options-bad-json", {"inputs": [{"name": "i", "datatype": "BYTES", "data": [img]}],
                                   "parameters": {"options": "{not json"}}, "4xx"),
