@@ -113,9 +113,7 @@ class AdminAuth:
         given = (headers.get(ADMIN_HEADER) or "").strip()
         hints = _client_hints(headers)
         if not given:
-            _audit(action, method, "denied", "missing", hints)
-            raise Unauthorized(f"action '{action}' changes or reveals the adaptation state: send the admin "
-                               f"credential in the X-TTA-Admin-Token header")
+            raise missing_credential(action, method, headers)
         valid = self.credentials()
         for kind, secret in valid:
             if hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
@@ -133,6 +131,13 @@ class AdminAuth:
         """Log how an allowed privileged action ended (ok / client_error / server_error)."""
         if action in PRIVILEGED:
             _audit(action, method, outcome, kind or "-", _client_hints(headers))
+
+
+def missing_credential(action: str, method: Any, headers: Mapping[str, str]) -> Unauthorized:
+    """The 401 for a privileged action without the header, logged (also used before decoding)."""
+    _audit(action, method, "denied", "missing", _client_hints(headers))
+    return Unauthorized(f"action '{action}' changes or reveals the adaptation state: send the admin "
+                        f"credential in the X-TTA-Admin-Token header")
 
 
 def _plain(text: str) -> str | None:

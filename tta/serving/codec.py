@@ -33,6 +33,7 @@ from tta.admission import DEADLINE_FIELD, DEADLINE_HEADER, parse_deadline_ms
 from tta.engine import Prediction
 from tta.errors import BadRequest, ModelUnavailable, Unavailable
 from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from tta.serving.admin import ADMIN_HEADER, PRIVILEGED, missing_credential
 
 JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed", DEADLINE_FIELD})
 OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed", DEADLINE_FIELD)
@@ -158,6 +159,9 @@ def decode(body: Any, headers: Mapping[str, str] | None = None, limits: Limits =
         if "inputs" in payload:
             request: Request = decode_oip(payload, limits, started=started)
         elif "action" in payload:
+            action = payload.get("action")
+            if isinstance(action, str) and action in PRIVILEGED and not (headers or {}).get(ADMIN_HEADER, "").strip():
+                raise missing_credential(action, payload.get("method"), headers or {})  # before decoding it
             request = decode_action(payload, limits)
             request.headers = dict(headers or {})
         else:
