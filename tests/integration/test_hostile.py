@@ -124,7 +124,7 @@ def test_generated_oip(server: TorchServe, data: list, datatype, parameters) -> 
 
 
 @LIVE
-@given(declared=st.integers(-5, 400) | st.text(max_size=5), tail=st.binary(max_size=200))
+@given(declared=st.integers(-5, 400) | st.text(alphabet="0123456789abc-+x", min_size=1, max_size=5), tail=st.binary(max_size=200))
 def test_generated_oip_binary(server: TorchServe, declared, tail: bytes) -> None:
     header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": len(tail)}}]}).encode()
@@ -154,13 +154,20 @@ def test_json_nested_5000_deep_is_a_4xx(server: TorchServe) -> None:
         assert reply.status_code == 400 and reply.json()["error"] == "json_too_deep", reply.text
 
 
-def test_a_minutes_long_request_is_refused_naming_the_limit(server: TorchServe) -> None:
+def test_a_minutes_long_request_ends_by_its_deadline(server: TorchServe) -> None:
+    """512 views x 16 steps (11 s on the tiny model; minutes on ViT-B/16) with a 2 s deadline:
+    answered at about the deadline, zero-shot and flagged when adaptation did not finish. (The
+    cost budget refuses the issue's 1,000-label version outright: tests/unit/test_admission.py;
+    this deployment caps labels at 20.)"""
     body = {"image": IMAGE, "method": "tpt", "options": {"n_views": 512, "steps": 16},
             "labels": [f"class {i}" for i in range(20)]}
     start = time.perf_counter()
-    reply = post(server, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    assert reply.status_code == 422 and "max_request_cost" in reply.json()["message"], reply.text
-    assert time.perf_counter() - start < 10
+    reply = post(server, json.dumps(body).encode(), {"Content-Type": "application/json", "X-TTA-Deadline-Ms": "2000"})
+    elapsed = time.perf_counter() - start
+    assert reply.status_code == 200, reply.text
+    assert elapsed < 2.0 + 8.0, f"{elapsed:.1f}s"  # the deadline plus one stage in flight on a busy machine
+    if reply.json()["timings_ms"]["total"] > 2000:
+        assert reply.json()["fallback"] == "deadline"
 
 
 def test_a_request_past_its_deadline_answers_zero_shot_flagged_and_counted(server: TorchServe) -> None:
