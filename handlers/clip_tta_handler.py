@@ -73,8 +73,9 @@ class ClipTTAHandler(BaseHandler):
         """One JSON string per request; errors set that request's status only."""
         if len(data) > 1:
             log.info("batch of %d requests", len(data))
-        replies = self.service.handle_batch([(_body(row), _lower_headers(context, i)) for i, row in enumerate(data)])
-        return [_answer(context, i, reply) for i, reply in enumerate(replies)]
+        with self.metrics.track_in_flight(self.service.model.name, len(data)):
+            replies = self.service.handle_batch([(_body(row), _lower_headers(context, i)) for i, row in enumerate(data)])
+            return [_answer(context, i, reply) for i, reply in enumerate(replies)]
 
 
 def _answer(context: Any, idx: int, reply: Reply) -> str:

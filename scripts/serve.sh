@@ -13,6 +13,14 @@
 #   WORKERS=1 BATCH_SIZE=4 MAX_BATCH_DELAY=50
 #   ARCHIVE_ARGS=           extra `tta archive` flags, e.g. '--method-defaults {"tpt":{"n_views":32}}'
 #   SKIP_SYNC=1             do not run `uv sync` (environment already installed)
+#   TS_CONFIG=config.properties   TorchServe configuration file
+#   MODEL_STORE=model_store       folder of the archive
+#   KEEP_ARCHIVE=1          serve an existing $MODEL_STORE/$NAME.mar as it is (build only when missing)
+#   ARCHIVE_ONLY=1          fetch the weights and build the archive, then exit (an init container)
+#   DRAIN_TIMEOUT_S=30      on Ctrl-C/SIGTERM, wait this long for in-flight requests before stopping
+# The container image runs this script (docker/entrypoint.sh) with SKIP_SYNC=1 KEEP_ARCHIVE=1.
+#   SERVER=torchserve       or 'kserve': KServe's model server (`tta serve --server kserve`, OIP v2
+#                           REST on HTTP_PORT=8080 and gRPC on GRPC_PORT=8081; no archive, no Java)
 # Ports come from config.properties (8080 inference, 8081 management, 8082 TorchServe metrics) and
 # 8083 for the tta metrics exporter; override with TS_INFERENCE_ADDRESS=..., TTA_METRICS_PORT=...
 set -euo pipefail
@@ -26,7 +34,10 @@ TEMPLATES="${TEMPLATES:-single}"
 WORKERS="${WORKERS:-1}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 MAX_BATCH_DELAY="${MAX_BATCH_DELAY:-50}"
+MODEL_STORE="${MODEL_STORE:-model_store}"
+export TS_CONFIG="${TS_CONFIG:-config.properties}"  # docker/probe.py reads the management address from it
 VENV="${ROOT}/.venv/bin"
+ARCHIVE="${MODEL_STORE}/${NAME}.mar"
 
 say() { printf 'serve: %s\n' "$*" >&2; }
 
@@ -39,8 +50,19 @@ if [[ "${SKIP_SYNC:-0}" != "1" ]]; then
     say "installing the environment (uv sync)"
     uv sync --frozen
 fi
-command -v java >/dev/null 2>&1 || { say "java (17+) is required by TorchServe's frontend"; exit 1; }
 
+# KServe: the worker is built in-process from the same knobs; ARCHIVE_ARGS flags are shared
+if [[ "${SERVER:-torchserve}" == "kserve" ]]; then
+    label_args=()
+    [[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
+    say "starting KServe's model server (REST :${HTTP_PORT:-8080}, gRPC :${GRPC_PORT:-8081}; Ctrl-C to stop)"
+    # shellcheck disable=SC2086  # ARCHIVE_ARGS is a list of flags on purpose
+    exec "${VENV}/tta" serve --server kserve --model "${MODEL}" --name "${NAME}" --method "${METHOD}" \
+        --templates "${TEMPLATES}" --batch-size "${BATCH_SIZE}" --max-batch-delay "${MAX_BATCH_DELAY}" \
+        "${label_args[@]}" ${ARCHIVE_ARGS:-}
+fi
+
+build_archive() {
 # 2. weights must be loadable before TorchServe starts (fails in seconds when offline without a cache)
 say "checking that ${MODEL} can be loaded"
 if ! "${VENV}/python" - "${MODEL}" <<'EOF'
@@ -59,24 +81,39 @@ then
     exit 1
 fi
 
+command -v java >/dev/null 2>&1 || { say "java (17+) is required by TorchServe's frontend"; exit 1; }
+
 # 3. archive
 label_args=()
 [[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
-say "building model_store/${NAME}.mar"
+say "building ${ARCHIVE}"
+mkdir -p "${MODEL_STORE}"
 # shellcheck disable=SC2086  # ARCHIVE_ARGS is a list of flags on purpose
 "${VENV}/tta" archive --model "${MODEL}" --name "${NAME}" --method "${METHOD}" --templates "${TEMPLATES}" \
     --workers "${WORKERS}" --batch-size "${BATCH_SIZE}" --max-batch-delay "${MAX_BATCH_DELAY}" \
-    --out model_store -f "${label_args[@]}" ${ARCHIVE_ARGS:-} >/dev/null
+    --out "${MODEL_STORE}" -f "${label_args[@]}" ${ARCHIVE_ARGS:-} >/dev/null
+}
+
+if [[ "${KEEP_ARCHIVE:-0}" == "1" && -e "${ARCHIVE}" ]]; then
+    say "serving the existing ${ARCHIVE} (KEEP_ARCHIVE=1)"
+else
+    build_archive
+fi
+if [[ "${ARCHIVE_ONLY:-0}" == "1" ]]; then
+    say "archive ready: ${ARCHIVE}"
+    exit 0
+fi
 
 # 4. metrics: workers write prometheus-client files here; one of them serves the merged view on :8083
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-${ROOT}/.cache/prometheus}"
 mkdir -p "${PROMETHEUS_MULTIPROC_DIR}"
 rm -f "${PROMETHEUS_MULTIPROC_DIR}"/*.db
 
-# 5. TorchServe in the foreground; Ctrl-C (or SIGTERM) stops it and its workers
+# 5. TorchServe in the foreground; Ctrl-C (or SIGTERM) drains in-flight requests, then stops it
 stop() {
     trap - INT TERM
-    say "stopping TorchServe"
+    say "draining (up to ${DRAIN_TIMEOUT_S:-30} s), then stopping TorchServe"
+    "${VENV}/python" -I "${ROOT}/docker/probe.py" drain --model "${NAME}" --delay 0 --timeout "${DRAIN_TIMEOUT_S:-30}" || true
     "${VENV}/torchserve" --stop --foreground >/dev/null 2>&1 || true
     [[ -n "${TS_PID:-}" ]] && wait "${TS_PID}" 2>/dev/null || true
     exit 0
@@ -84,27 +121,20 @@ stop() {
 trap stop INT TERM
 
 say "starting TorchServe (key file: ${ROOT}/key_file.json; Ctrl-C to stop)"
-"${VENV}/torchserve" --start --foreground --ncs --ts-config config.properties --model-store model_store \
+"${VENV}/torchserve" --start --foreground --ncs --ts-config "${TS_CONFIG}" --model-store "${MODEL_STORE}" \
     --models "${NAME}=${NAME}.mar" &
 TS_PID=$!
 
-# Tell the user when the model answers, and how to call it.
+# Tell the user when the model answers (a worker READY, not just the frontend up), and how to call it.
 (
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 900); do
         sleep 1
         kill -0 "${TS_PID}" 2>/dev/null || exit 0
-        [[ -f key_file.json ]] || continue
-        KEY=$("${VENV}/python" -c 'import json;print(json.load(open("key_file.json"))["inference"]["key"])' 2>/dev/null) || continue
-        MKEY=$("${VENV}/python" -c 'import json;print(json.load(open("key_file.json"))["management"]["key"])' 2>/dev/null) || continue
-        if "${VENV}/python" - "${NAME}" "${MKEY}" <<'EOF' 2>/dev/null
-import os, sys, requests
-address = os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
-reply = requests.get(f"{address}/models/{sys.argv[1]}", headers={"Authorization": f"Bearer {sys.argv[2]}"}, timeout=2)
-workers = [w for m in reply.json() for w in m.get("workers", [])] if reply.ok else []
-sys.exit(0 if any(w.get("status") == "READY" for w in workers) else 1)
-EOF
-        then
-            say "ready: curl -H \"Authorization: Bearer ${KEY}\" -T image.jpg ${TS_INFERENCE_ADDRESS:-http://127.0.0.1:8080}/predictions/${NAME}"
+        if "${VENV}/python" -I "${ROOT}/docker/probe.py" ready --model "${NAME}" 2>/dev/null; then
+            auth=""
+            KEY=$("${VENV}/python" -c 'import json;print(json.load(open("key_file.json"))["inference"]["key"])' 2>/dev/null) \
+                && auth="-H \"Authorization: Bearer ${KEY}\" "
+            say "ready: curl ${auth}-T image.jpg ${TS_INFERENCE_ADDRESS:-http://127.0.0.1:8080}/predictions/${NAME}"
             exit 0
         fi
     done

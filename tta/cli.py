@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "predict": "classify images, adapting per image (zeroshot, tpt, zero, ...)",
     "methods": "list the registered adaptation methods",
+    "serve": "serve over HTTP/gRPC: KServe's model server (OIP v2), or TorchServe via scripts/serve.sh",
 }
 OPTIONAL_SUBCOMMANDS: dict[str, str] = {
     "archive": "build a TorchServe model archive (.mar) for a model + label set",

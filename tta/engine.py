@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tta.admission import Budget, estimate
+from tta.drift import DriftConfig, DriftMonitor, DriftSignals
 from tta.errors import BadRequest, Unavailable
 from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
 from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
@@ -46,6 +47,7 @@ class Prediction:
     zeroshot_probs: torch.Tensor = field(repr=False)
     image_features: torch.Tensor | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    drift: DriftSignals | None = field(default=None, repr=False)  # set when the engine monitors drift
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -72,6 +74,7 @@ class Engine:
         method_defaults: Mapping[str, Mapping[str, Any]] | None = None,
         max_labels: int = 1000,
         seed: int = 0,
+        drift: DriftConfig | None = None,
         budget: Budget | None = None,
     ) -> None:
         self.clip = clip
@@ -85,6 +88,8 @@ class Engine:
         self._lock = threading.RLock()
         self.default_method = default_method
         get_method_class(default_method)  # unknown default -> error at start, not at first request
+        # the deployment's drift reference: one more stream-state owner, addressed as method "drift"
+        self.drift = DriftMonitor(labels.names, clip.name, clip.embed_dim, drift) if drift is not None else None
         for name in self._method_defaults:
             self.method(name)  # validates deployment defaults early
 
@@ -146,7 +151,18 @@ class Engine:
             )
             output = self._run(impl, request, seed)
         timer.add("total", (time.perf_counter() - start) * 1000.0)
-        return self._to_prediction(name, label_set, output, top_k, timer)
+        prediction = self._to_prediction(name, label_set, output, top_k, timer)
+        self.observe_drift(prediction, default_labels=label_set is self.labels)
+        return prediction
+
+    def observe_drift(self, prediction: Prediction, default_labels: bool) -> None:
+        """Feed one answer to the drift monitor (monitoring never fails a request: errors are logged)."""
+        if self.drift is None:
+            return
+        try:
+            prediction.drift = self.drift.observe(prediction.image_features, prediction.zeroshot_probs, default_labels)
+        except Exception:
+            log.exception("drift monitoring failed for one request; the answer is unaffected")
 
     def admit(self, options: Any, labels: LabelSet) -> float:
         """Estimated cost units of a request (0 without a budget); `BadRequest` over the budget."""
@@ -206,21 +222,27 @@ class Engine:
         return output
 
     # --- stream-state operations (inspect / reset / export / import / feedback) ----------------
+    def state_owner(self, name: str) -> Method | DriftMonitor:
+        """A method, or the drift reference (`drift`): both answer the state actions."""
+        if name == DriftMonitor.name and self.drift is not None:
+            return self.drift
+        return self.method(name)
+
     def state_summary(self, method: str) -> dict[str, Any]:
-        impl = self.method(method)
+        impl = self.state_owner(method)
         return {"method": method, "scope": impl.scope, **impl.state_summary()}
 
     def reset_state(self, method: str) -> None:
         with self._lock:
-            self.method(method).reset()
+            self.state_owner(method).reset()
 
     def export_state(self, method: str) -> dict[str, Any]:
         with self._lock:
-            return self.method(method).state_dict()
+            return self.state_owner(method).state_dict()
 
     def import_state(self, method: str, state: Mapping[str, Any]) -> None:
         with self._lock:
-            self.method(method).load_state_dict(state)
+            self.state_owner(method).load_state_dict(state)
 
     def feedback(self, image: torch.Tensor, label: str, method: str, seed: int | None = None) -> dict[str, Any]:
         """A labelled example for `method` (GDA support set, online accuracy); unknown labels are 4xx."""

@@ -16,11 +16,12 @@ TorchServe frontend's process id, shared by that server's workers and by no othe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,8 @@ from prometheus_client import (
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so exporters stay light
     import torch
+
+    from tta.drift import DriftSignals
 
 log = logging.getLogger(__name__)
 
@@ -81,47 +84,10 @@ def normalized_entropy(probs: torch.Tensor) -> float:
     return float(-(p * p.log()).sum() / math.log(classes))
 
 
-class EmbeddingDrift:
-    """Cosine distance of each image feature to a reference mean.
-
-    The reference is the running mean of the first `reference_size` features a worker sees, then
-    frozen, so a later shift of the input distribution shows as growing distances instead of being
-    absorbed by the mean.
-    """
-
-    def __init__(self, reference_size: int = 256) -> None:
-        self.reference_size = max(1, int(reference_size))
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-        self._lock = threading.Lock()
-
-    @property
-    def frozen(self) -> bool:
-        return self._count >= self.reference_size
-
-    def update(self, feature: torch.Tensor) -> float:
-        """Distance of `feature` to the reference so far (0 for the first: it is the reference)."""
-        import torch
-        import torch.nn.functional as F
-
-        f = F.normalize(feature.detach().float().flatten().cpu(), dim=0)
-        with self._lock:
-            if self._sum is not None and self._sum.shape != f.shape:
-                self._sum, self._count = None, 0  # another model's features: start a new reference
-            distance = 0.0
-            if self._sum is not None:
-                reference = F.normalize(self._sum, dim=0)
-                distance = float(1.0 - torch.dot(reference, f))
-            if not self.frozen:
-                self._sum = f.clone() if self._sum is None else self._sum + f
-                self._count += 1
-        return distance
-
-
 class ServingMetrics:
     """The handler-side instruments. One instance per process; registry defaults to a private one."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, drift_reference_size: int = 256) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.stage_seconds = Histogram(
@@ -152,8 +118,40 @@ class ServingMetrics:
         )
         self.embedding_shift = Histogram(
             "tta_embedding_shift_cosine_distance",
-            "Cosine distance of each image feature to the worker's reference mean feature",
+            "Cosine distance of each image feature to the deployment's drift reference mean (tta.drift)",
             ["model"], buckets=SHIFT_BUCKETS, registry=r,
+        )
+        # Drift gauges (tta.drift): each worker measures its own sliding window against the shared
+        # reference; the freshest worker's value is the deployment's (livemostrecent), so an idle
+        # worker's old window never masks or fakes a shift. NaN = not measurable yet.
+        def drift_gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["model"], registry=r, multiprocess_mode="livemostrecent")
+
+        self.drift_gauges = {
+            "embedding_shift": drift_gauge(
+                "tta_drift_embedding_shift", "Cosine distance of the sliding window's mean image embedding to the reference mean"),
+            "embedding_shift_expected": drift_gauge(
+                "tta_drift_embedding_shift_expected", "Embedding shift expected from sampling noise alone (no drift)"),
+            "class_divergence": drift_gauge(
+                "tta_drift_class_divergence", "Jensen-Shannon divergence (bits) of window vs reference zero-shot predicted classes"),
+            "class_divergence_expected": drift_gauge(
+                "tta_drift_class_divergence_expected", "Class-mix divergence expected from sampling noise alone (no drift)"),
+            "entropy_shift": drift_gauge(
+                "tta_drift_entropy_shift", "Window minus reference mean zero-shot entropy / log(#classes) (positive: less sure)"),
+            "confidence_shift": drift_gauge(
+                "tta_drift_confidence_shift", "Reference minus window mean zero-shot top-1 probability (positive: less sure)"),
+            "window_samples": drift_gauge("tta_drift_window_samples", "Answered images in the worker's drift window"),
+            "reference_samples": drift_gauge("tta_drift_reference_samples", "Images captured into the drift reference"),
+            "reference_ready": drift_gauge("tta_drift_reference_ready", "1 once the drift reference is captured and frozen"),
+        }
+        self._declared: set[tuple[str, str]] = set()  # (model, method) with zero-initialised counters
+        self.worker_starts = Counter(
+            "tta_worker_starts", "Worker processes started (TorchServe restarts dead workers: increase() counts restarts)",
+            ["model"], registry=r,
+        )
+        self.state_unavailable = Counter(
+            "tta_state_unavailable", "Requests whose stream state could not be reached (refused, or answered by a fallback)",
+            ["model", "method"], registry=r,
         )
         self.fallbacks = Counter(
             "tta_fallbacks", "Answers that fell back to a cheaper path, by reason (" + ", ".join(FALLBACK_REASONS) + ")",
@@ -167,7 +165,20 @@ class ServingMetrics:
             "tta_stream_state_entries", "Entries held by a stream method's state (cache, buffer, support set)",
             ["model", "method"], registry=r, multiprocess_mode="max",
         )
-        self.drift = EmbeddingDrift(drift_reference_size)
+        self.in_flight = Gauge(
+            "tta_requests_in_flight", "Requests a worker is processing now (a batch counts each of its requests)",
+            ["model"], registry=r, multiprocess_mode="livesum",  # a dead worker's requests stop counting
+        )
+
+    @contextlib.contextmanager
+    def track_in_flight(self, model: str, count: int = 1) -> Iterator[None]:
+        """Count `count` requests as in flight for the block: a pod's preStop drain waits for zero."""
+        gauge = self.in_flight.labels(model)
+        gauge.inc(count)
+        try:
+            yield
+        finally:
+            gauge.dec(count)
 
     def observe_state(self, model: str, method: str, summary: Mapping[str, object]) -> None:
         """Cache fill of a stream method, from its `state_summary()`."""
@@ -177,7 +188,27 @@ class ServingMetrics:
 
     def observe_fallback(self, model: str, method: str, reason: object) -> None:
         """One answer served by a fallback path; `reason` is mapped onto `FALLBACK_REASONS`."""
-        self.fallbacks.labels(model, method, fallback_reason(reason)).inc()
+        reason = fallback_reason(reason)
+        self.fallbacks.labels(model, method, reason).inc()
+        if reason == "state_unavailable":
+            self.state_unavailable.labels(model, method).inc()
+
+    def observe_worker_start(self, model: str) -> None:
+        self.worker_starts.labels(model).inc()
+
+    def observe_state_unavailable(self, model: str, method: str) -> None:
+        """A request refused because its stream state is out of reach (503)."""
+        self.state_unavailable.labels(model, method).inc()
+
+    def observe_drift(self, model: str, signals: DriftSignals | None) -> None:
+        """The drift gauges after one answer (`Prediction.drift`); None = this worker has no reading."""
+        if signals is None:
+            return
+        for name, gauge in self.drift_gauges.items():
+            value = getattr(signals, name)
+            gauge.labels(model).set(math.nan if value is None else float(value))
+        if signals.sample_distance is not None:
+            self.embedding_shift.labels(model).observe(signals.sample_distance)
 
     def observe_stages(self, model: str, method: str, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():
@@ -185,6 +216,16 @@ class ServingMetrics:
 
     def observe_outcome(self, model: str, method: str, outcome: str) -> None:
         self.requests.labels(model, method, outcome).inc()
+        if (model, method) not in self._declared:
+            self._declare(model, method)
+
+    def _declare(self, model: str, method: str) -> None:
+        """Export zeros for the rare counters, so rate() sees their first increment (a series that
+        appears at 1 has no earlier sample to rise from) and ratios have a 0 to show."""
+        self._declared.add((model, method))
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(model, method, reason)
+        self.state_unavailable.labels(model, method)
 
     def observe_prediction(
         self,
@@ -194,10 +235,10 @@ class ServingMetrics:
         probs: torch.Tensor,
         zeroshot_probs: torch.Tensor,
         changed: bool,
-        image_features: torch.Tensor | None,
+        drift: DriftSignals | None = None,
         custom_labels: bool = False,
     ) -> None:
-        """Drift signals of one answered request."""
+        """Confidence, class and adaptation signals of one answered request (+ drift gauges)."""
         for kind, p in (("adapted", probs), ("zeroshot", zeroshot_probs)):
             self.entropy.labels(model, method, kind).observe(normalized_entropy(p))
             self.confidence.labels(model, method, kind).observe(float(p.max()))
@@ -206,8 +247,7 @@ class ServingMetrics:
             self.changed.labels(model, method).inc()
         else:
             self.changed.labels(model, method)  # export the zero so rate() has a series
-        if image_features is not None:
-            self.embedding_shift.labels(model).observe(max(self.drift.update(image_features), 0.0))
+        self.observe_drift(model, drift)
 
     def render(self) -> bytes:
         """Text exposition of this process (or, in multiprocess mode, of all workers)."""

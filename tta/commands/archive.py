@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help="folder for stream-method state snapshots (default: env TTA_STATE_DIR)")
     parser.add_argument("--state-sync", choices=("shared", "interval"),
                         help="how workers share stream state (default: env TTA_STATE_SYNC or shared)")
+    parser.add_argument("--drift-reference-size", type=int, default=512,
+                        help="answered images captured into the shared drift reference (tta.drift); env "
+                             "TTA_DRIFT_REFERENCE_SIZE wins (default: %(default)s)")
+    parser.add_argument("--drift-window", type=int, default=256,
+                        help="each worker's sliding window of answered images compared with the reference; env "
+                             "TTA_DRIFT_WINDOW wins (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
@@ -100,6 +106,8 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "warmup": not args.no_warmup,
             "state_dir": args.state_dir,
             "state_sync": args.state_sync,
+            "drift_reference_size": args.drift_reference_size,
+            "drift_window": args.drift_window,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
         },
     }
@@ -117,6 +125,12 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
     for name, options in method_defaults.items():
         get_method_class(name).Options.from_dict(options).validate()
+    from tta.drift import DriftConfig
+
+    try:
+        DriftConfig(args.drift_reference_size, args.drift_window)
+    except ValueError as exc:
+        raise TTAError(str(exc)) from exc
     for flag in ("workers", "batch_size"):
         if getattr(args, flag) < 1:
             raise TTAError(f"--{flag.replace('_', '-')} must be >= 1")

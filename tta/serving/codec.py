@@ -82,6 +82,7 @@ class OipInfer:
 
     items: list[Predict]
     id: str | None = None
+    outputs: list[dict[str, Any]] | None = None  # requested outputs ({"name", "parameters"}); None = all
 
     @property
     def method(self) -> str | None:
@@ -335,6 +336,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
     if isinstance(params["labels"], str):
         params["labels"] = parse_json(params["labels"].encode("utf-8"))
     checked = _check_parameters(params)
+    outputs = _requested_outputs(payload.get("outputs"))
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("OIP 'inputs' must be a non-empty list", code="bad_json")
@@ -347,7 +349,20 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
         image, decode_ms = decode_image_element(element, limits)
         items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
     request_id = payload.get("id")
-    return OipInfer(items, str(request_id) if request_id else None)
+    return OipInfer(items, str(request_id) if request_id else None, outputs)
+
+
+def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
+    """OIP 'outputs': which of `labels` / `probabilities` to answer (all when absent)."""
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                for o in outputs):
+        raise _bad("OIP 'outputs' must be a list of objects with a 'name'", code="bad_json")
+    unknown = sorted({o["name"] for o in outputs} - set(OIP_OUTPUTS))
+    if unknown:
+        raise _bad(f"unknown output(s) {unknown}; known: {list(OIP_OUTPUTS)}", code="bad_json")
+    return [{"name": o["name"], "parameters": dict(o.get("parameters") or {})} for o in outputs]
 
 
 def oip_elements(item: Any) -> list[Any]:
@@ -467,8 +482,12 @@ def encode_prediction(prediction: Prediction, model: ModelInfo) -> dict[str, Any
     return {**prediction.to_dict(), "model": model.name, "model_version": model.version, "clip_model": model.clip}
 
 
-def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str | None = None) -> dict[str, Any]:
-    """OIP v2 answer: `labels` (BYTES) and `probabilities` (FP32), both [images, k], best first."""
+def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str | None = None,
+               outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """OIP v2 answer: `labels` (BYTES) and `probabilities` (FP32), both [images, k], best first.
+
+    `outputs` (the request's requested outputs) limits the answer to the named ones, in order.
+    """
     labels = [[t["label"] for t in p.top_k] for p in predictions]
     probs = [[t["score"] for t in p.top_k] for p in predictions]
     k = len(labels[0]) if labels else 0
@@ -479,6 +498,9 @@ def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str 
             {"name": "probabilities", "datatype": "FP32", "shape": [len(probs), k], "data": sum(probs, [])},
         ],
     }
+    if outputs is not None:
+        by_name = {o["name"]: o for o in response["outputs"]}
+        response["outputs"] = [by_name[o["name"]] for o in outputs]
     if request_id:
         response["id"] = request_id
     return response

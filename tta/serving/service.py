@@ -21,8 +21,9 @@ import torch
 
 from tta import state as tta_state
 from tta.admission import Budget
+from tta.drift import DriftConfig
 from tta.engine import Engine, Prediction
-from tta.errors import TTAError
+from tta.errors import TTAError, Unavailable
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
 from tta.serving.admin import AdminAuth
@@ -71,7 +72,11 @@ class Service:
     # --- the three phases ------------------------------------------------------------------------
     def decode(self, body: Any, headers: Mapping[str, str] | None = None) -> Decoded:
         """Bytes/text/JSON -> a typed request or a `Failure` (see `tta.serving.codec.decode`)."""
-        return codec.decode(body, headers, self.limits)
+        try:
+            return codec.decode(body, headers, self.limits)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug fails this request only
+            log.exception("request could not be decoded")
+            return codec.failure(exc)
 
     def run(self, request: Decoded, started: float | None = None) -> Result:
         """Call the Engine for one decoded request; errors become a `Failure`, never an exception.
@@ -114,6 +119,8 @@ class Service:
         method = self.method_of(request)
         if isinstance(result, Failure):
             self.metrics.observe_outcome(self.model.name, result.method or method, result.outcome)
+            if result.code == Unavailable.code:  # stream state out of reach (a model failing to load is not)
+                self.metrics.observe_state_unavailable(self.model.name, result.method or method)
             log.info("request -> %d %s: %s", result.status, result.code, result.message)
             headers = {"Retry-After": str(result.retry_after)} if result.retry_after is not None else {}
             return Reply(result.status, result.body(), result.method or method, kind="error", headers=headers)
@@ -122,7 +129,7 @@ class Service:
         outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
         self.metrics.observe_outcome(self.model.name, method, outcome)
         if isinstance(request, OipInfer):
-            return Reply(200, codec.encode_oip(result, self.model, request.id), method, kind="oip",
+            return Reply(200, codec.encode_oip(result, self.model, request.id, request.outputs), method, kind="oip",
                          predictions=result)
         return Reply(200, codec.encode_prediction(result[0], self.model), method, predictions=result)
 
@@ -135,8 +142,13 @@ class Service:
     def handle_batch(self, requests: Sequence[tuple[Any, Mapping[str, str] | None]]) -> list[Reply]:
         """One reply per (body, headers), in order; each request fails alone."""
         started = time.monotonic()  # one deadline for the batch: it must end before the worker timeout
-        decoded = [self.decode(body, headers) for body, headers in requests]
-        return [self.encode(request, self.run(request, started)) for request in decoded]
+        return self.run_batch([self.decode(body, headers) for body, headers in requests], started)
+
+    def run_batch(self, requests: Sequence[Decoded], started: float | None = None) -> list[Reply]:
+        """run + encode for decoded requests, one reply each, in order (the seam for batched runs);
+        `started` (`time.monotonic()`) anchors the one deadline of the batch."""
+        started = time.monotonic() if started is None else started
+        return [self.encode(request, self.run(request, started)) for request in requests]
 
     def method_of(self, request: Decoded) -> str:
         """The method a request runs with (metrics label): its own, else the deployment default."""
@@ -163,7 +175,7 @@ class Service:
             m.observe_fallback(name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
-            prediction.changed_by_adaptation, prediction.image_features, custom_labels=custom_labels,
+            prediction.changed_by_adaptation, prediction.drift, custom_labels=custom_labels,
         )
         if self.engine.method(prediction.method).scope == "stream":
             m.observe_state(name, prediction.method, self.engine.state_summary(prediction.method))
@@ -236,9 +248,11 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         max_labels=int(config.get("max_labels", 1000)),
         seed=int(config.get("seed", 0)),
         budget=budget,
+        drift=DriftConfig.from_mapping(config),
     )
     if metrics is None:
-        metrics = ServingMetrics(drift_reference_size=int(config.get("drift_reference_size", 256)))
+        metrics = ServingMetrics()
+    metrics.observe_worker_start(model_name)
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
@@ -267,4 +281,9 @@ def start_exporter(config: Mapping[str, Any], metrics: ServingMetrics) -> Export
 def warm_up(service: Service) -> None:
     """Build the default label set's text features before the first request, not during it."""
     image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
-    service.engine.predict(image, method="zeroshot", top_k=1)
+    engine = service.engine
+    drift, engine.drift = engine.drift, None  # a grey square is no traffic: keep it out of drift
+    try:
+        engine.predict(image, method="zeroshot", top_k=1)
+    finally:
+        engine.drift = drift

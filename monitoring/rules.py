@@ -1,0 +1,294 @@
+"""One source for clip-tta's alerting: recording rules, alerts, and the Grafana dashboard.
+
+Everything Prometheus or Grafana reads is generated from the tables below, so thresholds drawn
+on the dashboard are the thresholds that alert, and the Prometheus rules file and the Kubernetes
+PrometheusRule cannot disagree:
+
+    python -m monitoring.rules            # (re)write the generated files
+    python -m monitoring.rules --check    # fail if a generated file is stale (the tests run this)
+
+Generated: monitoring/prometheus/clip-tta-rules.yml (plain Prometheus `rule_files`),
+k8s/components/monitoring/prometheusrule.yaml (Prometheus Operator) and
+k8s/components/monitoring/dashboards/clip-tta-drift.json (Grafana sidecar ConfigMap).
+
+Override for tests and staging: `render_rules(for_override="5s")` (CLI: ``--for 5s --out FILE``)
+shortens every alert's ``for:`` and changes nothing else; the drift windows themselves are
+server-side sizes (``tta archive --drift-window/--drift-reference-size``), not range selectors,
+so no expression has to be edited to make drift visible quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RULES_FILE = REPO / "monitoring" / "prometheus" / "clip-tta-rules.yml"
+PROMETHEUS_RULE = REPO / "k8s" / "components" / "monitoring" / "prometheusrule.yaml"
+DASHBOARD = REPO / "k8s" / "components" / "monitoring" / "dashboards" / "clip-tta-drift.json"
+RUNBOOK = "README.md#runbook-"  # + alert name in lower case: the README's runbook headings
+
+# Methods answered from a cache or a closed form (one encoder pass); the rest run many views/steps.
+LIGHT_METHODS = "zeroshot|tda|tfup|gda"
+
+# --------------------------------------------------------------------------------------------
+# Recording rules: every alert compares one of these with a threshold, so the live test can check
+# that each signal exists (returns series) on real scraped data, apart from whether it fires.
+# --------------------------------------------------------------------------------------------
+RECORDING: dict[str, str] = {
+    "tta:latency_seconds:p95_5m":
+        'histogram_quantile(0.95, sum by (model, method, le) (rate(tta_stage_duration_seconds_bucket{stage="total"}[5m])))',
+    "tta:requests:rate5m":
+        "sum by (model, method, outcome) (rate(tta_requests_total[5m]))",
+    "tta:requests:rate15m":
+        "sum by (model) (rate(tta_requests_total[15m]))",
+    "tta:server_errors:ratio_5m":
+        '(sum by (model) (rate(tta_requests_total{outcome="server_error"}[5m]))'
+        " or 0 * sum by (model) (rate(tta_requests_total[5m])))"
+        " / sum by (model) (rate(tta_requests_total[5m]))",
+    "tta:fallbacks:ratio_5m":
+        "(sum by (model, method) (rate(tta_fallbacks_total[5m]))"
+        " or 0 * sum by (model, method) (rate(tta_requests_total[5m])))"
+        ' / sum by (model, method) (rate(tta_requests_total{outcome!="client_error"}[5m]))',
+    "tta:state_unavailable:rate5m":
+        "sum by (model, method) (rate(tta_state_unavailable_total[5m]))"
+        " or 0 * sum by (model, method) (rate(tta_requests_total[5m]))",
+    "tta:drift_embedding_shift:excess":
+        "max by (model) (tta_drift_embedding_shift - tta_drift_embedding_shift_expected)",
+    "tta:drift_class_divergence:excess":
+        "max by (model) (tta_drift_class_divergence - tta_drift_class_divergence_expected)",
+    "tta:drift_entropy_shift:max_abs":
+        "max by (model) (abs(tta_drift_entropy_shift))",
+    "tta:adaptation_changed:ratio_15m":
+        "sum by (model, method) (rate(tta_adaptation_changed_total[15m]))"
+        ' / sum by (model, method) (rate(tta_requests_total{outcome=~"ok|fallback"}[15m]))',
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    name: str
+    expr: str
+    duration: str  # the rule's `for:`
+    severity: str
+    summary: str
+    description: str
+    drift: bool = False  # one of the input-drift alerts the live test drives to firing
+    threshold: float | None = None  # drawn on the dashboard panel of the same signal
+
+
+THRESHOLDS = {
+    "latency_light_s": 1.0, "latency_heavy_s": 15.0, "server_errors": 0.05, "fallbacks": 0.2,
+    "embedding_excess": 0.05, "class_excess": 0.1, "entropy_abs": 0.1, "changed": 0.3,
+}
+T = THRESHOLDS
+
+ALERTS: tuple[Alert, ...] = (
+    Alert("TTALatencyP95High",
+          f'tta:latency_seconds:p95_5m{{method=~"{LIGHT_METHODS}"}} > {T["latency_light_s"]}'
+          f' or tta:latency_seconds:p95_5m{{method!~"{LIGHT_METHODS}"}} > {T["latency_heavy_s"]}',
+          "10m", "warning",
+          "p95 latency of {{ $labels.method }} on {{ $labels.model }} is high",
+          "p95 of whole requests over 5 minutes is {{ $value | humanizeDuration }} for method {{ $labels.method }} "
+          f"(thresholds: {T['latency_light_s']:g} s for {LIGHT_METHODS.replace('|', '/')}, "
+          f"{T['latency_heavy_s']:g} s for multi-view methods)."),
+    Alert("TTAServerErrors", f"tta:server_errors:ratio_5m > {T['server_errors']}", "5m", "critical",
+          "{{ $labels.model }} answers {{ $value | humanizePercentage }} of requests with a server error",
+          "{{ $value | humanizePercentage }} of requests to {{ $labels.model }} failed with 5xx over 5 minutes "
+          f"(threshold {T['server_errors']:.0%}).", threshold=T["server_errors"]),
+    Alert("TTAFallbacksHigh", f"tta:fallbacks:ratio_5m > {T['fallbacks']}", "15m", "warning",
+          "{{ $labels.method }} on {{ $labels.model }} falls back on {{ $value | humanizePercentage }} of answers",
+          "{{ $value | humanizePercentage }} of {{ $labels.method }} answers over 5 minutes took a fallback path "
+          "(deadline, state unavailable, numerical, over budget; see tta_fallbacks_total by reason; "
+          f"threshold {T['fallbacks']:.0%}).", threshold=T["fallbacks"]),
+    Alert("TTAStreamStateUnavailable", "tta:state_unavailable:rate5m > 0", "2m", "critical",
+          "stream state of {{ $labels.method }} on {{ $labels.model }} is unreachable",
+          "{{ $value | humanize }} requests/s of {{ $labels.method }} could not reach their stream state over "
+          "5 minutes (refused with 503, or answered zero-shot)."),
+    Alert("TTANoTraffic", "tta:requests:rate15m == 0", "15m", "warning",
+          "{{ $labels.model }} received no requests for 30 minutes",
+          "No request reached {{ $labels.model }} over the last 15 minutes, for 15 minutes "
+          "(current rate {{ $value | humanize }} requests/s)."),
+    Alert("TTAEmbeddingDrift", f"tta:drift_embedding_shift:excess > {T['embedding_excess']}", "15m", "warning",
+          "image embeddings sent to {{ $labels.model }} drifted from the reference",
+          "The sliding window's mean image embedding is {{ $value | humanize }} (cosine distance, beyond the "
+          f"sampling noise) away from the drift reference (threshold {T['embedding_excess']}).",
+          drift=True, threshold=T["embedding_excess"]),
+    Alert("TTAClassMixDrift", f"tta:drift_class_divergence:excess > {T['class_excess']}", "15m", "warning",
+          "the predicted-class mix of {{ $labels.model }} drifted from the reference",
+          "Jensen-Shannon divergence between the window's and the reference's zero-shot class histograms is "
+          f"{{{{ $value | humanize }}}} bits beyond the sampling noise (threshold {T['class_excess']}).",
+          drift=True, threshold=T["class_excess"]),
+    Alert("TTAConfidenceDrift", f"tta:drift_entropy_shift:max_abs > {T['entropy_abs']}", "15m", "warning",
+          "zero-shot confidence on {{ $labels.model }} shifted",
+          "Mean zero-shot entropy / log(#classes) of the window differs from the reference's by "
+          f"{{{{ $value | humanize }}}} (threshold {T['entropy_abs']}); see tta_drift_entropy_shift for the sign.",
+          drift=True, threshold=T["entropy_abs"]),
+    Alert("TTAAdaptationChangesManyAnswers", f"tta:adaptation_changed:ratio_15m > {T['changed']}", "30m", "warning",
+          "{{ $labels.method }} changes {{ $value | humanizePercentage }} of zero-shot answers on {{ $labels.model }}",
+          "Test-time adaptation ({{ $labels.method }}) overrode the zero-shot answer on {{ $value | humanizePercentage }} "
+          f"of requests over 15 minutes (threshold {T['changed']:.0%}).", threshold=T["changed"]),
+)
+
+
+def render_rules(for_override: str | None = None) -> dict[str, Any]:
+    """The Prometheus rule groups; `for_override` replaces every alert's `for:` (tests, staging)."""
+    alerts = []
+    for alert in ALERTS:
+        annotations = {"summary": alert.summary, "description": alert.description,
+                       "runbook_url": RUNBOOK + alert.name.lower()}
+        alerts.append({"alert": alert.name, "expr": alert.expr, "for": for_override or alert.duration,
+                       "labels": {"severity": alert.severity, "component": "clip-tta"},
+                       "annotations": annotations})
+    return {"groups": [
+        {"name": "clip-tta.signals", "rules": [{"record": name, "expr": expr} for name, expr in RECORDING.items()]},
+        {"name": "clip-tta.alerts", "rules": alerts},
+    ]}
+
+
+def render_prometheus_rule() -> dict[str, Any]:
+    """The same groups as a Prometheus Operator PrometheusRule (selected by the release label)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+        "metadata": {"name": "clip-tta", "labels": {"release": "kube-prometheus-stack"}},
+        "spec": render_rules(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Dashboard
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    targets: tuple[tuple[str, str], ...]  # (expr, legend)
+    unit: str = "short"
+    threshold: float | None = None
+    main: bool = False  # drawn in the README picture
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("Latency p50 / p95 (whole request) by method", (
+        ('histogram_quantile(0.5, sum by (method, le) (rate(tta_stage_duration_seconds_bucket{stage="total"}[5m])))',
+         "p50 {{method}}"),
+        ('histogram_quantile(0.95, sum by (method, le) (rate(tta_stage_duration_seconds_bucket{stage="total"}[5m])))',
+         "p95 {{method}}"),
+    ), unit="s", main=True),
+    Panel("Stage latency p50 / p95", (
+        ('histogram_quantile(0.5, sum by (stage, le) (rate(tta_stage_duration_seconds_bucket{stage!="total"}[5m])))',
+         "p50 {{stage}}"),
+        ('histogram_quantile(0.95, sum by (stage, le) (rate(tta_stage_duration_seconds_bucket{stage!="total"}[5m])))',
+         "p95 {{stage}}"),
+    ), unit="s"),
+    Panel("Requests by method and outcome", (
+        ("sum by (method, outcome) (tta:requests:rate5m)", "{{method}} {{outcome}}"),
+    ), unit="reqps", main=True),
+    Panel("Server errors and fallbacks (share of answers)", (
+        ("tta:server_errors:ratio_5m", "server errors {{model}}"),
+        ("tta:fallbacks:ratio_5m", "fallbacks {{method}}"),
+        ("sum by (reason) (rate(tta_fallbacks_total[5m]))", "fallbacks/s {{reason}}"),
+    ), unit="percentunit", threshold=T["fallbacks"]),
+    Panel("Embedding shift beyond sampling noise (cosine distance)", (
+        ("tta:drift_embedding_shift:excess", "excess {{model}}"),
+        ("max by (model) (tta_drift_embedding_shift)", "raw {{model}}"),
+    ), threshold=T["embedding_excess"], main=True),
+    Panel("Class-mix divergence beyond sampling noise (JS, bits)", (
+        ("tta:drift_class_divergence:excess", "excess {{model}}"),
+        ("max by (model) (tta_drift_class_divergence)", "raw {{model}}"),
+    ), threshold=T["class_excess"], main=True),
+    Panel("Zero-shot entropy / confidence shift (window vs reference)", (
+        ("max by (model) (tta_drift_entropy_shift)", "entropy shift {{model}}"),
+        ("max by (model) (tta_drift_confidence_shift)", "confidence drop {{model}}"),
+    ), threshold=T["entropy_abs"], main=True),
+    Panel("Answers changed by adaptation", (
+        ("tta:adaptation_changed:ratio_15m", "{{method}}"),
+    ), unit="percentunit", threshold=T["changed"]),
+    Panel("Drift reference and window fill (images)", (
+        ("max by (model) (tta_drift_reference_samples)", "reference {{model}}"),
+        ("max by (model) (tta_drift_window_samples)", "window {{model}}"),
+    )),
+    Panel("Stream state cache fill (entries)", (
+        ("max by (method) (tta_stream_state_entries)", "{{method}}"),
+    )),
+    Panel("TorchServe mean queue wait", (
+        ("sum by (model_name) (rate(ts_queue_latency_microseconds[5m])) / 1e6"
+         " / sum by (model_name) (rate(ts_inference_requests_total[5m]))", "{{model_name}}"),
+    ), unit="s"),
+    Panel("Worker (re)starts", (
+        ("sum by (model) (increase(tta_worker_starts_total[1h]))", "{{model}} last hour"),
+    )),
+)
+
+
+def render_dashboard() -> dict[str, Any]:
+    panels = []
+    for i, panel in enumerate(PANELS):
+        defaults: dict[str, Any] = {"unit": panel.unit}
+        if panel.threshold is not None:  # the alert threshold as a red line
+            defaults["thresholds"] = {"mode": "absolute", "steps": [
+                {"color": "green", "value": None}, {"color": "red", "value": panel.threshold}]}
+            defaults["custom"] = {"thresholdsStyle": {"mode": "line+area"}}
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": panel.title,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend}
+                        for j, (expr, legend) in enumerate(panel.targets)],
+        })
+    return {
+        "title": "clip-tta: latency and drift", "uid": "clip-tta-drift", "schemaVersion": 39, "version": 2,
+        "tags": ["clip-tta", "drift"], "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "panels": panels,
+    }
+
+
+HEADER = "# Generated by `python -m monitoring.rules` from monitoring/rules.py: edit that, not this file.\n"
+
+
+def generated() -> dict[Path, str]:
+    """Every generated file and its exact content."""
+    dump = lambda data: HEADER + yaml.safe_dump(data, sort_keys=False, width=200)  # noqa: E731
+    return {
+        RULES_FILE: dump(render_rules()),
+        PROMETHEUS_RULE: dump(render_prometheus_rule()),
+        DASHBOARD: json.dumps(render_dashboard(), indent=2) + "\n",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monitoring.rules", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated file differs")
+    parser.add_argument("--for", dest="for_override", help="write the rules with every `for:` set to this")
+    parser.add_argument("--out", type=Path, help="with --for: where to write those rules")
+    args = parser.parse_args(argv)
+    if args.for_override:
+        out = args.out or Path("clip-tta-rules.yml")
+        out.write_text(HEADER + yaml.safe_dump(render_rules(args.for_override), sort_keys=False, width=200))
+        print(out)
+        return 0
+    stale = []
+    for path, text in generated().items():
+        if path.is_file() and path.read_text() == text:
+            continue
+        if args.check:
+            stale.append(str(path.relative_to(REPO)))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path.relative_to(REPO)}")
+    if stale:
+        print(f"stale (run python -m monitoring.rules): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

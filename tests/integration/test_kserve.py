@@ -1,0 +1,334 @@
+"""KServe's model server (`tta serve --server kserve`) answering standard OIP v2 clients.
+
+One real server for this module, on free ports, with the same deployment as the session
+TorchServe (tiny-random CLIP, the same labels, method defaults and limits) and a bearer token.
+tritonclient talks to it over HTTP and gRPC; answers and error codes are compared with the
+session TorchServe's for the same requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.integration.conftest import LABELS, MAX_LABELS, MAX_PIXELS, MODEL
+from tests.integration.test_server import _bomb_png
+from tests.integration.torchserve import BIN, TorchServe, free_port
+from tta.metrics import sample_values
+
+# Only look for kserve: importing it here would register its OIP protos in this process's protobuf
+# pool, where tritonclient.grpc registers the same names (the clients must live apart from it).
+pytestmark = [pytest.mark.server, pytest.mark.skipif(importlib.util.find_spec("kserve") is None,
+                                                     reason="the kserve extra is not installed (uv sync --extra kserve)")]
+
+METHOD_DEFAULTS = '{"tpt": {"n_views": 8}, "zero": {"n_views": 8}}'
+
+
+@dataclass
+class KServe:
+    """`tta serve --server kserve` in a subprocess, on free ports, logging to its work directory."""
+
+    workdir: Path
+    model: str
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}  # gRPC metadata keys must be lower-case
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "kserve.log"
+
+    @contextlib.contextmanager
+    def running(self, labels_file: Path, timeout_s: float = 180.0) -> Iterator[KServe]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        token_file = self.workdir / "token"
+        token_file.write_text(self.token, encoding="utf-8")
+        cmd = [str(BIN / "tta"), "-v", "serve", "--server", "kserve", "--model", "tiny-random", "--name", self.model,
+               "--labels-file", str(labels_file), "--method-defaults", METHOD_DEFAULTS,
+               "--max-labels", str(MAX_LABELS), "--max-image-pixels", str(MAX_PIXELS), "--batch-size", "4",
+               "--max-batch-delay", "200", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--token-file", str(token_file)]
+        env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "TTA_METRICS_PORT")}
+        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="")
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            try:
+                self.wait_ready(timeout_s)
+                yield self
+            finally:
+                self.stop()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tta serve exited ({self.process.returncode}):\n{self.log_tail()}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.url}/v2/models/{self.model}/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.25)  # poll interval of a deadline loop
+        raise TimeoutError(f"KServe model not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServe]:
+    workdir = tmp_path_factory.mktemp("kserve")
+    labels = workdir / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    with KServe(workdir, MODEL).running(labels) as server:
+        yield server
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def clients(kserve: KServe):
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    return {"http": (triton_http, triton_http.InferenceServerClient(f"127.0.0.1:{kserve.http_port}")),
+            "grpc": (triton_grpc, triton_grpc.InferenceServerClient(f"127.0.0.1:{kserve.grpc_port}"))}
+
+
+def image_input(triton, images: list[bytes], binary: bool):
+    """A BYTES input: encoded images as raw bytes (binary extension / gRPC raw) or base64 text (JSON)."""
+    values = np.array(images if binary else [b64(x).encode() for x in images], dtype=object)
+    item = triton.InferInput("image", [len(images)], "BYTES")
+    if triton.__name__.endswith("http"):
+        item.set_data_from_numpy(values, binary_data=binary)
+    else:
+        item.set_data_from_numpy(values)  # gRPC always sends raw contents
+    return item
+
+
+def as_text(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_health_and_model_metadata(kserve: KServe, protocol: str) -> None:
+    triton, client = clients(kserve)[protocol]
+    headers = kserve.auth
+    assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+    assert client.is_model_ready(MODEL, headers=headers)
+    if protocol == "http":
+        assert not client.is_model_ready("no-such-model", headers=headers)
+    else:  # KServe's gRPC answers NOT_FOUND for a model it does not serve
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="NOT_FOUND"):
+            client.is_model_ready("no-such-model", headers=headers)
+    meta = client.get_model_metadata(MODEL, headers=headers)
+    if protocol == "grpc":
+        from google.protobuf.json_format import MessageToDict
+
+        meta = MessageToDict(meta, preserving_proto_field_name=True)
+    tensors = {t["name"]: (t["datatype"], [int(s) for s in t["shape"]]) for t in meta["inputs"] + meta["outputs"]}
+    assert tensors == {"image": ("BYTES", [-1]), "labels": ("BYTES", [-1, -1]), "probabilities": ("FP32", [-1, -1])}
+    if protocol == "http":  # OIP metadata has no field for these; REST carries them as parameters
+        params = meta["parameters"]
+        assert params["label_set_size"] == len(LABELS) and params["default_method"] == "zeroshot"
+        assert {"zeroshot", "tpt", "zero", "tda", "gda"} <= set(params["methods"])
+        assert params["max_labels"] == MAX_LABELS and meta["versions"] == ["1.0"]
+
+
+@pytest.mark.parametrize(("protocol", "binary"), [("http", False), ("http", True), ("grpc", True)])
+def test_infer_one_and_several_images_matches_torchserve(kserve: KServe, server: TorchServe,
+                                                         photos: dict[str, bytes], protocol: str, binary: bool) -> None:
+    triton, client = clients(kserve)[protocol]
+    names = ["rocket", "chelsea", "coffee"]
+    params = {"method": "zero", "top_k": 3, "seed": 7, "options": json.dumps({"n_views": 4}),
+              "labels": json.dumps(list(LABELS[:6]))}
+    for batch in (names[:1], names):
+        result = client.infer(MODEL, [image_input(triton, [photos[n] for n in batch], binary)],
+                              parameters=params, headers=kserve.auth)
+        labels, probs = result.as_numpy("labels"), result.as_numpy("probabilities")
+        assert labels.shape == (len(batch), 3) and probs.shape == (len(batch), 3) and probs.dtype == np.float32
+        for row, name in enumerate(batch):
+            body = {"image": b64(photos[name]), "method": "zero", "top_k": 3, "seed": 7, "options": {"n_views": 4},
+                    "labels": list(LABELS[:6])}
+            reference = requests.post(server.predict_url, json=body, headers=server.auth, timeout=120)
+            assert reference.status_code == 200, reference.text
+            top = reference.json()["top_k"]
+            assert as_text(labels[row]) == [t["label"] for t in top]
+            assert np.allclose(probs[row], [t["score"] for t in top], atol=1e-4)
+
+
+def oip_body(image: str, **parameters) -> dict:
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}]}
+    return {**body, "parameters": parameters} if parameters else body
+
+
+def _bad_oip_requests(photos: dict[str, bytes]) -> dict[str, bytes | dict]:
+    good = b64(photos["coffee"])
+    return {
+        "not_an_image": oip_body(b64(b"plain text, not an image")),
+        "truncated": oip_body(b64(photos["chelsea"][: len(photos["chelsea"]) // 2])),
+        "bomb": oip_body(b64(_bomb_png())),
+        "bad_base64": oip_body("%%%not base64%%%"),
+        "unknown_method": oip_body(good, method="no-such-method"),
+        "bad_option": oip_body(good, method="tpt", options='{"n_views": -3}'),
+        "too_many_labels": oip_body(good, labels=json.dumps([f"class {i}" for i in range(MAX_LABELS + 1)])),
+        "bad_top_k": oip_body(good, top_k=0),
+        "malformed_json": b'{"inputs": [',
+        "no_inputs": {"inputs": []},
+    }
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "truncated", "bomb", "bad_base64", "unknown_method", "bad_option",
+                                  "too_many_labels", "bad_top_k", "malformed_json", "no_inputs"])
+def test_bad_request_gets_the_same_4xx_as_torchserve(kserve: KServe, server: TorchServe, photos: dict[str, bytes],
+                                                     case: str) -> None:
+    body = _bad_oip_requests(photos)[case]
+    replies = []
+    for url, auth in ((f"{kserve.url}/v2/models/{MODEL}/infer", kserve.auth),
+                      (f"{server.url}/v2/models/{MODEL}/infer", server.auth)):
+        kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+        reply = requests.post(url, headers={**auth, "Content-Type": "application/json"}, timeout=60, **kwargs)
+        replies.append((reply.status_code, reply.json().get("error")))
+    assert 400 <= replies[0][0] < 500 and replies[0][1]
+    assert replies[0] == replies[1], f"kserve {replies[0]} != torchserve {replies[1]}"
+
+
+def test_bad_image_over_tritonclient(kserve: KServe) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    for protocol, (triton, client) in clients(kserve).items():
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(MODEL, [image_input(triton, [b"not an image"], binary=True)], headers=kserve.auth)
+        status = str(error.value.status())
+        assert status == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"), status
+        assert "not_an_image" in str(error.value)
+
+
+def test_concurrent_requests_share_a_batch_and_fail_alone(kserve: KServe, photos: dict[str, bytes]) -> None:
+    bodies = [oip_body(b64(photos["chelsea"])), oip_body(b64(photos["coffee"])), oip_body(b64(b"not an image")),
+              oip_body(b64(photos["rocket"]))]
+    barrier = threading.Barrier(len(bodies))
+    seen = kserve.log.read_text(errors="replace").count("batch of ")
+
+    def send(body: dict) -> requests.Response:
+        barrier.wait(timeout=30)  # all four reach the 200 ms batch window together
+        return requests.post(f"{kserve.url}/v2/models/{MODEL}/infer", json=body, headers=kserve.auth, timeout=120)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(send, bodies))
+    assert [r.status_code for r in replies] == [200, 200, 400, 200], [r.text for r in replies]
+    for reply in (replies[0], replies[1], replies[3]):
+        outputs = {o["name"]: o for o in reply.json()["outputs"]}
+        assert set(outputs["labels"]["data"]) <= set(LABELS) and outputs["probabilities"]["shape"] == [1, 5]
+    deadline = time.monotonic() + 15
+    while kserve.log.read_text(errors="replace").count("batch of ") <= seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kserve.log.read_text(errors="replace").count("batch of ") > seen, "no request was batched"
+
+
+def test_token_is_required_for_inference_not_for_probes(kserve: KServe, photos: dict[str, bytes]) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    infer = f"{kserve.url}/v2/models/{MODEL}/infer"
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}):
+        refused = requests.post(infer, json=oip_body(b64(photos["coffee"])), headers=headers, timeout=30)
+        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+        assert requests.get(f"{kserve.url}/v2/models/{MODEL}", headers=headers, timeout=30).status_code == 401
+    for probe in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready", "/metrics"):
+        assert requests.get(kserve.url + probe, timeout=30).status_code == 200, probe
+    triton, client = clients(kserve)["grpc"]
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(MODEL, [image_input(triton, [photos["coffee"]], binary=True)])
+    assert str(error.value.status()) == "StatusCode.UNAUTHENTICATED"
+
+
+def test_v1_json_form_state_actions_and_metrics(kserve: KServe, photos: dict[str, bytes]) -> None:
+    """The TorchServe JSON form and state actions through KServe's v1 route; tta metrics on /metrics."""
+    predict = f"{kserve.url}/v1/models/{MODEL}:predict"
+
+    def count(outcome: str) -> float:
+        text = requests.get(f"{kserve.url}/metrics", timeout=30).text
+        return sum(sample_values(text, "tta_requests_total", {"model": MODEL, "method": "tda", "outcome": outcome}))
+
+    ok_before, bad_before = count("ok"), count("client_error")
+    assert requests.post(predict, json={"action": "reset", "method": "tda"}, headers=kserve.auth, timeout=60).ok
+    for name in ("chelsea", "rocket"):
+        reply = requests.post(predict, json={"image": b64(photos[name]), "method": "tda"}, headers=kserve.auth,
+                              timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["method"] == "tda" and reply.json()["label"] in LABELS
+    state = requests.post(predict, json={"action": "state", "method": "tda"}, headers=kserve.auth, timeout=60).json()
+    assert state["state"]["scope"] == "stream" and state["state"]["total"] >= 1
+    raw = requests.post(predict, data=photos["coffee"], headers={**kserve.auth, "Content-Type": "image/jpeg"},
+                        timeout=60)
+    assert raw.status_code == 200 and raw.json()["method"] == "zeroshot"
+    bad = requests.post(predict, json={"image": "AAAA", "method": "tda"}, headers=kserve.auth, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"] == "not_an_image"
+    assert count("ok") - ok_before == 2 and count("client_error") - bad_before == 1
+
+
+def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
+    """The model refuses inference (503 / UNAVAILABLE) until `load` has finished (own process: see above)."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n", encoding="utf-8")
+    script = textwrap.dedent("""
+        import asyncio, sys
+        from kserve.errors import ModelNotReady
+        from tta.metrics import ServingMetrics
+        from tta.serving.kserve_model import ClipTTAModel
+
+        model = ClipTTAModel("probe", {"model": "tiny-random", "labels_file": sys.argv[1], "metrics_port": 0},
+                             metrics=ServingMetrics())
+        assert not model.ready and model.describe()["ready"] is False
+        try:
+            asyncio.run(model.predict({"image": "AAAA"}))
+        except ModelNotReady:
+            pass
+        else:
+            raise AssertionError("a model still loading answered")
+        model.load()
+        assert model.wait_loaded(timeout=120) and model.describe()["label_set_size"] == 2
+        print("ready after load")
+    """)
+    run = subprocess.run([sys.executable, "-c", script, str(labels)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0 and "ready after load" in run.stdout, run.stderr[-3000:]
