@@ -51,6 +51,7 @@ class KServe:
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(16))  # privileged state actions
     process: subprocess.Popen | None = None
 
     @property
@@ -60,6 +61,10 @@ class KServe:
     @property
     def auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}  # gRPC metadata keys must be lower-case
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {**self.auth, "x-tta-admin-token": self.admin_token}
 
     @property
     def log(self) -> Path:
@@ -76,7 +81,7 @@ class KServe:
                "--max-batch-delay", "200", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--token-file", str(token_file)]
         env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "TTA_METRICS_PORT")}
-        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="")
+        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="", TTA_ADMIN_TOKEN=self.admin_token)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -290,7 +295,7 @@ def test_v1_json_form_state_actions_and_metrics(kserve: KServe, photos: dict[str
         return sum(sample_values(text, "tta_requests_total", {"model": MODEL, "method": "tda", "outcome": outcome}))
 
     ok_before, bad_before = count("ok"), count("client_error")
-    assert requests.post(predict, json={"action": "reset", "method": "tda"}, headers=kserve.auth, timeout=60).ok
+    assert requests.post(predict, json={"action": "reset", "method": "tda"}, headers=kserve.admin, timeout=60).ok
     for name in ("chelsea", "rocket"):
         reply = requests.post(predict, json={"image": b64(photos[name]), "method": "tda"}, headers=kserve.auth,
                               timeout=60)

@@ -158,7 +158,7 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
 
         # --- re-capture: the next answers build a new reference, the alerts resolve ---------------
         reset = requests.post(digits_server.predict_url, json={"action": "reset", "method": "drift"},
-                              headers=digits_server.auth, timeout=30)
+                              headers=digits_server.admin, timeout=30)
         assert reset.status_code == 200 and reset.json()["state"]["reference"]["samples"] == 0
         recapture_at = time.time()
         send(digits_server, shifted[:4])
