@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from tta.errors import BadRequest
@@ -90,6 +90,19 @@ class Budget:
                 raise ValueError(f"{f.name} must be a positive finite number, got {raw!r}")
             values[f.name] = value
         return cls(**values)
+
+    @classmethod
+    def for_worker(cls, config: Mapping[str, Any] | None, response_timeout_s: float | None,
+                   environ: Mapping[str, str] | None = None) -> Budget:
+        """The budget of a worker with this response timeout: an unset deadline defaults to the
+        smaller of 60 s and half the timeout; a configured one must fit (`check_timeout`)."""
+        environ = os.environ if environ is None else environ
+        budget = cls.from_config(config, environ)
+        if not (environ.get(cls.ENV["deadline_ms"]) or (config or {}).get("deadline_ms")):
+            timeout_ms = 1000.0 * float(response_timeout_s or DEFAULT_RESPONSE_TIMEOUT_S)
+            budget = replace(budget, deadline_ms=min(budget.deadline_ms, 0.5 * timeout_ms))
+        budget.check_timeout(response_timeout_s)
+        return budget
 
     def check_timeout(self, response_timeout_s: float | None) -> None:
         """Refuse to start when the deadline would not leave the worker time to answer.

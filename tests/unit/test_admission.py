@@ -113,6 +113,14 @@ def test_deadline_must_stay_below_the_worker_timeout() -> None:
         Budget(deadline_ms=100_000).check_timeout(120)
 
 
+def test_an_unset_deadline_fits_a_short_worker_timeout_and_a_set_one_must() -> None:
+    assert Budget.for_worker({}, 30, environ={}).deadline_ms == 15_000
+    assert Budget.for_worker({}, None, environ={}).deadline_ms == DEFAULT_DEADLINE_MS
+    assert Budget.for_worker({"deadline_ms": 20_000}, 30, environ={}).deadline_ms == 20_000
+    with pytest.raises(ValueError, match="responseTimeout"):
+        Budget.for_worker({}, 30, environ={"TTA_DEADLINE_MS": "25000"})
+
+
 def test_shipped_defaults_keep_the_deadline_below_the_response_timeouts() -> None:
     """config.properties' default_response_timeout and `tta archive`'s responseTimeout default."""
     properties = (REPO / "config.properties").read_text()

@@ -228,8 +228,7 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     from tta.text import LabelSet, load_labels
 
     model_dir = Path(model_dir)
-    budget = Budget.from_config(config)
-    budget.check_timeout(response_timeout_s)  # a deadline past the worker timeout would lose the batch
+    budget = Budget.for_worker(config, response_timeout_s)  # a deadline past the worker timeout loses the batch
     device = device or resolve_device(config.get("device"))
     configure_state(config, model_name)
     labels_file = config.get("labels_file")
