@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = parser.parse_args(argv)
 
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tta-soak-") as tmp:
         work = Path(tmp)
         store = work / "store"
@@ -238,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                                           args.timeout))
     result.update({
         "model": "tiny-random", "concurrency": args.concurrency, "seed": args.seed,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_start": [round(x, 1) for x in load_start],
+                    "load_average_end": [round(x, 1) for x in os.getloadavg()]},
         "mix": {k.name: k.weight for k in mix.kinds}, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
