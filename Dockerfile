@@ -12,8 +12,9 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 # --- builder: the locked environment, nothing else ----------------------------------------------
 FROM ${BASE_IMAGE} AS builder
 ARG UV_VERSION=0.13.9
-# extra `uv sync` flags, e.g. "--extra gpu" for onnxruntime-gpu
-ARG UV_SYNC_ARGS=""
+# `uv sync` extras: kserve = KServe's model server (SERVER=kserve, the InferenceService);
+# add "--extra gpu" for onnxruntime-gpu
+ARG UV_SYNC_ARGS="--extra kserve"
 # uv's cache: a BuildKit cache mount by default; scripts/build_image.sh points it at the host's cache
 ARG UV_CACHE_DIR=/root/.cache/uv
 # CA bundle pip and uv trust while downloading (this stage only). scripts/build_image.sh mounts the

@@ -1,11 +1,17 @@
 """Server-level numbers: requests/s and p50/p95 latency through a real TorchServe on 127.0.0.1.
 
     python -m bench.server_bench --model ViT-B-16-random --classes 100 --requests 8 --concurrency 2
+    python -m bench.server_bench --batch-sizes 1,8,32 --requests 64 --concurrency 32 --rounds 2
 
 Builds an archive with `tta archive`, starts TorchServe with the repository's config.properties
 (tests/integration/torchserve.py), then for each method sends `--requests` JSON requests (a
 skimage photo, per-request seed) from `--concurrency` client threads. Writes
 bench/results/server.json.
+
+With `--batch-sizes`, one TorchServe serves one archive per TorchServe batchSize (same model,
+labels and method; one worker each) and the same zero-shot load is sent to each in turn,
+interleaved over `--rounds` so a shared machine's load drifts over all of them alike; requests/s
+and p50/p95 per batch size and their ratios to batchSize 1 go to bench/results/server_batching.json.
 """
 
 from __future__ import annotations
@@ -41,17 +47,19 @@ def _photo_jpegs(n: int) -> list[bytes]:
     return out
 
 
-def _archive(model: str, classes: int, store: Path, work: Path) -> str:
+def _archive(model: str, classes: int, store: Path, work: Path, name: str = "clip", batch_size: int = 1,
+             max_batch_delay: int = 50) -> str:
     from tta.text import imagenet_classnames
 
     labels = work / "labels.txt"
     labels.write_text("\n".join(imagenet_classnames()[:classes]) + "\n", encoding="utf-8")
     tmp = work / "archiver-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "tta"), "archive", "--model", model, "--name", "clip", "--labels-file", str(labels),
-           "--out", str(store), "--workers", "1", "--batch-size", "1", "--response-timeout", "600", "-f"]
+    cmd = [str(BIN / "tta"), "archive", "--model", model, "--name", name, "--labels-file", str(labels),
+           "--out", str(store), "--workers", "1", "--batch-size", str(batch_size),
+           "--max-batch-delay", str(max_batch_delay), "--response-timeout", "600", "-f"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
-    return "clip.mar"
+    return f"{name}.mar"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -60,16 +68,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_method(server: TorchServe, method: str, options: dict, requests_n: int, concurrency: int,
-               images: list[bytes]) -> dict:
+               images: list[bytes], url: str | None = None, latencies_out: list[float] | None = None) -> dict:
     import requests
 
     session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=max(10, concurrency)))
+    url = url or server.predict_url
 
     def one(i: int) -> float:
         body = {"image": base64.b64encode(images[i % len(images)]).decode(), "method": method,
                 "options": options, "seed": i, "top_k": 1}
         start = time.perf_counter()
-        reply = session.post(server.predict_url, json=body, headers=server.auth, timeout=900)
+        reply = session.post(url, json=body, headers=server.auth, timeout=900)
         elapsed = time.perf_counter() - start
         if reply.status_code != 200:
             raise RuntimeError(f"{method}: HTTP {reply.status_code}: {reply.text[:300]}")
@@ -80,9 +90,70 @@ def run_method(server: TorchServe, method: str, options: dict, requests_n: int, 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         latencies = list(pool.map(one, range(requests_n)))
     wall = time.perf_counter() - start
+    if latencies_out is not None:
+        latencies_out.extend(latencies)
     return {"method": method, "options": options, "requests": requests_n, "concurrency": concurrency,
             "rps": round(requests_n / wall, 4), "p50_s": round(statistics.median(latencies), 3),
             "p95_s": round(_percentile(latencies, 0.95), 3), "wall_s": round(wall, 1)}
+
+
+def wait_models_ready(server: TorchServe, names: list[str], timeout_s: float = 900.0) -> None:
+    """Every named model has a READY worker (the helper waits for its first model only)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(names)
+    while pending and time.monotonic() < deadline:
+        name = pending[0]
+        reply = requests.get(f"http://127.0.0.1:{server.management_port}/models/{name}",
+                             headers={"Authorization": f"Bearer {server.keys['management']}"}, timeout=5)
+        workers = [w for e in reply.json() for w in e.get("workers", [])] if reply.status_code == 200 else []
+        if any(w.get("status") == "READY" for w in workers):
+            pending.pop(0)
+        else:
+            time.sleep(0.5)  # poll interval of a deadline loop
+    if pending:
+        raise TimeoutError(f"models not ready: {pending}")
+
+
+def batching_bench(args: argparse.Namespace, images: list[bytes]) -> dict:
+    """Same zero-shot load against one archive per batchSize, interleaved rounds, one server."""
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    names = [f"clip_b{b}" for b in sizes]
+    latencies: dict[int, list[float]] = {b: [] for b in sizes}
+    walls: dict[int, float] = {b: 0.0 for b in sizes}
+    with tempfile.TemporaryDirectory(prefix="tta-server-bench-") as tmp:
+        work = Path(tmp)
+        store = work / "store"
+        store.mkdir()
+        archives = [_archive(args.model, args.classes, store, work, name, b, args.max_batch_delay)
+                    for name, b in zip(names, sizes, strict=True)]
+        load = ",".join(f"{n}={a}" for n, a in zip(names, archives, strict=True))
+        server = TorchServe(work / "ts", names[0])
+        with server.running(store, load.split("=", 1)[1], timeout_s=900):
+            wait_models_ready(server, names)
+            for _ in range(args.rounds):
+                for name, b in zip(names, sizes, strict=True):
+                    url = f"{server.url}/predictions/{name}"
+                    r = run_method(server, "zeroshot", {}, args.requests, args.concurrency, images, url=url,
+                                   latencies_out=latencies[b])
+                    walls[b] += r["wall_s"]
+            log_text = (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
+    rows = []
+    for b in sizes:
+        n = len(latencies[b])
+        rows.append({"batch_size": b, "requests": n, "rps": round(n / walls[b], 4),
+                     "p50_s": round(statistics.median(latencies[b]), 3),
+                     "p95_s": round(_percentile(latencies[b], 0.95), 3)})
+    base = rows[0]
+    for r in rows:
+        r["rps_vs_first"] = round(r["rps"] / base["rps"], 3)
+        r["p50_vs_first"] = round(r["p50_s"] / base["p50_s"], 3)
+    shared = log_text.count("shared encoder pass")
+    return {"mode": "batching", "model": args.model, "n_classes": args.classes, "method": "zeroshot",
+            "concurrency": args.concurrency, "rounds": args.rounds, "max_batch_delay_ms": args.max_batch_delay,
+            "device": "cpu (no GPU this session)", "cores": os.cpu_count(),
+            "shared_pass_log_lines": shared, "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--options", default='{"tpt": {"n_views": 16}}', help="JSON {method: options}")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "server.json"))
+    p.add_argument("--out", default=None, help="default: bench/results/server.json (server_batching.json)")
+    p.add_argument("--batch-sizes", default=None, help="e.g. 1,8,32: compare TorchServe batchSize (zero-shot)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds for --batch-sizes")
+    p.add_argument("--max-batch-delay", type=int, default=100, help="ms, for --batch-sizes")
     args = p.parse_args(argv)
     options = json.loads(args.options)
     images = _photo_jpegs(4)
+    if args.batch_sizes:
+        out = batching_bench(args, images)
+        out.update({"load_average_at_end": os.getloadavg(),
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        path = args.out or str(ROOT / "bench" / "results" / "server_batching.json")
+        Path(path).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        print(f"{'batchSize':>9} {'n':>4} {'rps':>8} {'p50 s':>8} {'p95 s':>8} {'rps x':>6} {'p50 x':>6}")
+        for r in out["results"]:
+            print(f"{r['batch_size']:>9} {r['requests']:>4} {r['rps']:>8.3f} {r['p50_s']:>8.2f} {r['p95_s']:>8.2f} "
+                  f"{r['rps_vs_first']:>6.2f} {r['p50_vs_first']:>6.2f}")
+        print(f"log lines with a shared encoder pass: {out['shared_pass_log_lines']}")
+        return 0
+    args.out = args.out or str(ROOT / "bench" / "results" / "server.json")
     with tempfile.TemporaryDirectory(prefix="tta-server-bench-") as tmp:
         work = Path(tmp)
         store = work / "store"

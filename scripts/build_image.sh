@@ -9,7 +9,7 @@
 # mmdebstrap that stands in for python:3.11-slim-bookworm (Python 3.11, venv, CA certificates).
 # With Docker instead: `docker build -t clip-tta:0.1.0 .` (the Dockerfile's default base).
 #
-# Knobs: IMAGE, BASE_IMAGE, UV_SYNC_ARGS (e.g. "--extra gpu"), DEBIAN_MIRROR,
+# Knobs: IMAGE, BASE_IMAGE, UV_SYNC_ARGS (default "--extra kserve"; add "--extra gpu"), DEBIAN_MIRROR,
 #        CA_BUNDLE (host CA bundle trusted while downloading; default the system's),
 #        UV_CACHE (host uv cache reused by the build; default `uv cache dir`, "" to disable).
 set -euo pipefail

@@ -9,8 +9,9 @@ reference is stream state owned by the name ``drift``: captured from the first
 like TDA/GDA state (`tta.state.StreamState`: process, file snapshot, or the deployment's shared
 backend), re-captured with ``{"action": "reset", "method": "drift"}``.
 
-Every change to the reference is a small operation dict applied by the pure function `apply`
-(``observe``, ``reset``, ``load``), so an operation log backend can replay it.
+Every change to the reference is a small operation dict (``{"kind": "observe" | "reset" |
+"load", ...}``) applied by the pure function `apply`, so an operation-log backend can replay it
+and every replica ends with the same reference.
 
 The sliding window is per worker (the last `DriftConfig.window` answered images that worker
 served): it is the sample being tested, not shared state. Against the reference it gives:
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class DriftConfig:
 
     reference_size: int = 512
     window: int = 256
+    sync_s: float = 1.0  # a frozen reference looks for another worker's re-capture this often
 
     def __post_init__(self) -> None:
         for name in ("reference_size", "window"):
@@ -94,17 +97,17 @@ def frozen(state: Mapping[str, Any]) -> bool:
 def observe_op(embedding: torch.Tensor, cls: int | None, entropy: float | None,
                confidence: float | None) -> dict[str, Any]:
     """The operation one answered image contributes (unit embedding; class stats only for default labels)."""
-    return {"op": "observe", "embedding": embedding, "cls": cls, "entropy": entropy, "confidence": confidence}
+    return {"kind": "observe", "embedding": embedding, "cls": cls, "entropy": entropy, "confidence": confidence}
 
 
 def apply(state: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
     """The reference after `op`; never mutates `state` (a frozen reference comes back unchanged).
 
-    ``{"op": "observe", "embedding", "cls", "entropy", "confidence"}`` adds one image while capturing;
-    ``{"op": "reset", "size"?}`` starts a new capture (epoch + 1);
-    ``{"op": "load", "state"}`` replaces the reference (import), checked against this deployment.
+    ``{"kind": "observe", "embedding", "cls", "entropy", "confidence"}`` adds one image while capturing;
+    ``{"kind": "reset", "size"?}`` starts a new capture (epoch + 1);
+    ``{"kind": "load", "state"}`` replaces the reference (import), checked against this deployment.
     """
-    kind = op.get("op")
+    kind = op.get("kind")
     if kind == "observe":
         if frozen(state):
             return dict(state)
@@ -257,8 +260,13 @@ class DriftWindow:
 class DriftMonitor:
     """The deployment's drift reference (shared state owner ``drift``) plus this worker's window.
 
-    Speaks the stream-method state interface (`reset`, `state_dict`, `load_state_dict`,
+    A state owner in the operation sense (`apply(op)`, `snapshot()`, `restore(state)`): every
+    change is an operation applied by the pure `apply`, in the order the state host gives. It also
+    speaks the stream-method state interface (`reset`, `state_dict`, `load_state_dict`,
     `state_summary`, `scope`), so the state actions work on ``"method": "drift"``.
+
+    Only capturing writes: once the reference is frozen a request commits nothing and looks for a
+    re-capture by another worker at most every `DriftConfig.sync_s` seconds.
     """
 
     name = OWNER
@@ -272,23 +280,34 @@ class DriftMonitor:
         self.window = DriftWindow(self.config.window, int(embed_dim), len(labels))
         self._lock = threading.RLock()
         self._unavailable_logged = False
-        self.host = StreamState(OWNER, self._export, self._restore)
+        self._synced_at = -math.inf
+        self.host = StreamState(OWNER, self.snapshot, self.restore)
         self.host.restore_on_start()
 
-    # --- persistence callbacks (StreamState) ---
-    def _export(self) -> dict[str, Any]:
+    # --- owner protocol: the host calls these, in operation order ---
+    def apply(self, op: Mapping[str, Any]) -> None:
+        self._reference = apply(self._reference, op)
+
+    def snapshot(self) -> dict[str, Any]:
         return dict(self._reference)
 
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        self._reference = apply(self._reference, {"op": "load", "state": state})
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        """None = start a new capture (a reset); otherwise load `state` (ValueError when it does not fit)."""
+        if state is None:
+            self._reference = apply(self._reference, {"kind": "reset", "size": self.config.reference_size})
+        else:
+            self._reference = apply(self._reference, {"kind": "load", "state": state})
 
-    def _commit(self, op: Mapping[str, Any], force_save: bool = False) -> dict[str, Any]:
-        """Apply `op` under the state host's rules (reloading what other workers wrote first)."""
+    # --- the host (tta.state.StreamState today: file snapshots / one owning process) ---
+    def _commit(self, op: Mapping[str, Any] | None, force_save: bool = False) -> dict[str, Any]:
+        """Apply `op` (None: just catch up) after reloading what other workers wrote; the reference."""
         with self.host.transaction(force_save=force_save):
-            new = apply(self._reference, op)
-            if op.get("op") != "observe" or new["count"] != self._reference["count"]:
-                self._reference = new
-                self.host.changed()
+            if op is not None:
+                before = self._reference
+                self.apply(op)
+                if op.get("kind") != "observe" or self._reference["count"] != before["count"]:
+                    self.host.changed()
+            self._synced_at = time.monotonic()
             return self._reference
 
     # --- per request ---
@@ -310,7 +329,12 @@ class DriftMonitor:
             confidence = float(p.max())
         with self._lock:
             try:
-                reference = self._commit(observe_op(embedding, cls, entropy, confidence))
+                if not frozen(self._reference):
+                    reference = self._commit(observe_op(embedding, cls, entropy, confidence))
+                elif time.monotonic() - self._synced_at >= self.config.sync_s:
+                    reference = self._commit(None)
+                else:
+                    reference = self._reference
             except Unavailable as exc:
                 if not self._unavailable_logged:
                     log.warning("drift reference not reachable from this worker (%s); drift signals come from "
@@ -327,25 +351,25 @@ class DriftMonitor:
     def reset(self) -> None:
         """Re-capture the reference from the next `reference_size` answered images (all workers)."""
         with self._lock:
-            self._commit({"op": "reset", "size": self.config.reference_size}, force_save=True)
+            self._commit({"kind": "reset", "size": self.config.reference_size}, force_save=True)
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock, self.host.transaction(force_save=self.host.mode == "interval"):
-            return dict(self._reference)
+            return self.snapshot()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise BadRequest("state must be a JSON object exported by 'drift'", code="bad_state")
         with self._lock:
             try:
-                self._commit({"op": "load", "state": state})
+                apply(self._reference, {"kind": "load", "state": state})  # validate first: a bad import changes nothing
             except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
                 raise BadRequest(f"cannot import drift state: {exc}", code="bad_state") from exc
+            self._commit({"kind": "load", "state": state})
 
     def state_summary(self) -> dict[str, Any]:
         with self._lock:
-            with self.host.transaction():
-                reference = self._reference
+            reference = self._commit(None)
             return {
                 "reference": {"samples": int(reference["count"]), "size": int(reference["size"]),
                               "ready": frozen(reference), "epoch": int(reference["epoch"]),

@@ -21,6 +21,7 @@ from tta.admission import Budget, estimate
 from tta.drift import DriftConfig, DriftMonitor, DriftSignals
 from tta.errors import BadRequest, Unavailable
 from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
+from tta.features import encode_images, precomputed_features
 from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
 from tta.models import ClipModel
 from tta.text import LabelSet, TextFeatureCache
@@ -63,6 +64,43 @@ class Prediction:
         return out
 
 
+@dataclass
+class PredictRequest:
+    """One decoded request for `Engine.predict_batch` (the arguments of `Engine.predict`)."""
+
+    image: torch.Tensor
+    method: str | None = None
+    options: Mapping[str, Any] | None = None
+    labels: Sequence[str] | None = None
+    top_k: int = 5
+    seed: int | None = None
+    deadline: float | None = None  # absolute time.monotonic(); None = none
+
+
+@dataclass
+class _Job:
+    """A validated request on its way through the engine."""
+
+    name: str
+    impl: Method
+    options: Any
+    labels: LabelSet
+    top_k: int
+    seed: int
+    image: torch.Tensor
+    deadline: float | None
+    start: float
+    timer: StageTimer
+    text_features: torch.Tensor | None = None
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (views, features) encoded with the batch
+    batch: dict[str, Any] | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Engine:
     """Per-worker core: model + default labels + method instances + text-feature cache."""
 
@@ -76,9 +114,11 @@ class Engine:
         seed: int = 0,
         drift: DriftConfig | None = None,
         budget: Budget | None = None,
+        max_batch_images: int = 256,
     ) -> None:
         self.clip = clip
         self.budget = budget  # None: no cost admission (library use); servers always pass one
+        self.max_batch_images = max_batch_images  # images per shared encoder pass in predict_batch
         self.labels = labels
         self.max_labels = max_labels
         self.seed = seed
@@ -130,30 +170,131 @@ class Engine:
         whose estimated cost exceeds it is refused before any work (`BadRequest` over_budget).
         """
         start = time.perf_counter()
-        name = method or self.default_method
+        job = self._prepare(PredictRequest(image, method, options, labels, top_k, seed, deadline), start)
+        with self._lock:  # one request at a time per worker: methods share prompts and caches
+            return self._finish(job)
+
+    def predict_batch(self, requests: Sequence[PredictRequest]) -> list[Prediction | Exception]:
+        """Answer a batch: one answer (or the exception it raised) per request, in order.
+
+        The frozen image encoder runs once per group instead of once per request: every request
+        whose method declares its first views (`Method.batch_encoding`) has them encoded together,
+        single-view requests (zero-shot, cache methods, `auto`'s first tier) in one pass and the
+        multi-view ones (ZERO, TPT) packed up to `max_batch_images` per pass. Then each request is
+        finished on its own, in request order, so stream methods update their state in the same
+        order as one-at-a-time calls, and a failing request only fails itself. Answers equal
+        `predict` up to float rounding of the batched forward. Timings stay per request: `encode`
+        is the shared passes the request waited for, `total` runs from the batch's start to its
+        answer; `batch` in the answer says how the work was shared.
+        """
+        start = time.perf_counter()
+        jobs: list[_Job | Exception] = []
+        for request in requests:
+            try:
+                jobs.append(self._prepare(request, start))
+            except Exception as exc:  # noqa: BLE001 (returned to the caller, which maps it to a status)
+                jobs.append(exc)
+        results: list[Prediction | Exception] = []
+        with self._lock:
+            self._encode_shared([j for j in jobs if isinstance(j, _Job)])
+            for job in jobs:
+                if isinstance(job, Exception):
+                    results.append(job)
+                    continue
+                try:
+                    results.append(self._finish(job))
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+        return results
+
+    def _prepare(self, request: PredictRequest, start: float) -> _Job:
+        """Validate one request and resolve its method, options and labels (4xx on bad input)."""
+        name = request.method or self.default_method
+        if not isinstance(name, str):
+            raise BadRequest("'method' must be a string", code="unknown_method")
         impl = self.method(name)
-        opts = impl.parse_options(options)
+        opts = impl.parse_options(request.options)
+        top_k = request.top_k
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise BadRequest(f"top_k must be an integer in [1, {MAX_TOP_K}]", code="bad_options")
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        image = request.image
+        if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise BadRequest("image must be a uint8 RGB tensor [3, H, W]", code="not_an_image")
-        label_set = self.resolve_labels(labels)
+        label_set = self.resolve_labels(request.labels)
         self.admit(opts, label_set)
-        timer = StageTimer(self.clip.device)
-        seed = self.seed if seed is None else int(seed)
-        with self._lock:  # one request at a time per worker: methods share prompts and caches
-            with timer.stage("text"):
-                text_features = self.text_cache.get(self.clip, label_set)
-            request = MethodInput(
-                image=image, labels=label_set, text_features=text_features, options=opts,
-                generator=torch.Generator().manual_seed(seed), timer=timer,
-                is_default_labels=label_set is self.labels, deadline=deadline,
-            )
-            output = self._run(impl, request, seed)
-        timer.add("total", (time.perf_counter() - start) * 1000.0)
-        prediction = self._to_prediction(name, label_set, output, top_k, timer)
-        self.observe_drift(prediction, default_labels=label_set is self.labels)
+        seed = self.seed if request.seed is None else int(request.seed)
+        return _Job(name=name, impl=impl, options=opts, labels=label_set, top_k=top_k, seed=seed,
+                    image=image, deadline=request.deadline, start=start, timer=StageTimer(self.clip.device))
+
+    def _input(self, job: _Job) -> MethodInput:
+        if job.text_features is None:
+            with job.timer.stage("text"):
+                job.text_features = self.text_cache.get(self.clip, job.labels)
+        return MethodInput(
+            image=job.image, labels=job.labels, text_features=job.text_features, options=job.options,
+            generator=torch.Generator().manual_seed(job.seed), timer=job.timer,
+            is_default_labels=job.labels is self.labels, deadline=job.deadline,
+        )
+
+    def _finish(self, job: _Job) -> Prediction:
+        output = self._run(job.impl, self._input(job), job.seed, job.shared)
+        job.timer.add("total", (time.perf_counter() - job.start) * 1000.0)
+        prediction = self._to_prediction(job.name, job.labels, output, job.top_k, job.timer)
+        if job.batch is not None:
+            prediction.extra["batch"] = job.batch
+        self.observe_drift(prediction, default_labels=job.labels is self.labels)
         return prediction
+
+    def _encode_shared(self, jobs: list[_Job]) -> None:
+        """Encode the declared first views of `jobs` in shared passes; a failure here only means
+        the requests encode on their own."""
+        planned: list[tuple[_Job, torch.Tensor]] = []
+        for job in jobs:
+            try:
+                with job.timer.stage("augment"):
+                    views = job.impl.batch_views(self._input(job))
+            except Exception:  # noqa: BLE001 (the request's own predict reports its error)
+                log.debug("no shared views for a %s request", job.name, exc_info=True)
+                continue
+            if views is not None:
+                planned.append((job, views))
+        if len(planned) < 2:
+            return  # nothing to share
+        single = [p for p in planned if p[1].shape[0] == 1]
+        multi = [p for p in planned if p[1].shape[0] > 1]
+        groups = [single] if len(single) > 1 else []
+        limit = max(1, self.max_batch_images)
+        current: list[tuple[_Job, torch.Tensor]] = []
+        for item in multi:  # pack whole requests into passes of at most `limit` images
+            if current and sum(v.shape[0] for _, v in current) + item[1].shape[0] > limit:
+                groups.append(current)
+                current = []
+            current.append(item)
+        if len(current) > 1 or (current and groups):
+            groups.append(current)
+        passes = 0
+        for group in groups:
+            views = torch.cat([v for _, v in group])
+            sync(self.clip.device)
+            begin = time.perf_counter()
+            try:
+                feats = encode_images(self.clip, views, batch_size=max(limit, views.shape[0]))
+            except Exception:  # noqa: BLE001 (e.g. out of memory: let each request encode alone)
+                log.warning("shared encoding of %d images failed; requests encode one by one", views.shape[0],
+                            exc_info=True)
+                continue
+            sync(self.clip.device)
+            ms = (time.perf_counter() - begin) * 1000.0
+            passes += 1
+            offset = 0
+            for job, v in group:
+                job.shared = (v, feats[offset:offset + v.shape[0]])
+                offset += v.shape[0]
+                job.timer.add("encode", ms)
+                job.batch = {"requests": len(group), "images": int(views.shape[0]), "encode_ms": round(ms, 3)}
+        if passes:
+            log.info("batch of %d requests: %d shared encoder pass(es) over %d requests",
+                     len(jobs), passes, sum(1 for j in jobs if j.shared is not None))
 
     def observe_drift(self, prediction: Prediction, default_labels: bool) -> None:
         """Feed one answer to the drift monitor (monitoring never fails a request: errors are logged)."""
@@ -173,15 +314,21 @@ class Engine:
             new_prompts = sum(len(labels.prompts_for(i)) for i in range(len(labels)))
         return self.budget.admit(estimate(options, len(labels), new_prompts))
 
-    def _run(self, impl: Method, request: MethodInput, seed: int) -> MethodOutput:
+    def _run(self, impl: Method, request: MethodInput, seed: int,
+             shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> MethodOutput:
         """`impl.predict` with the fallbacks: deadline / numerical fault -> zero-shot; out of memory
-        -> the same request with half the views (twice), then zero-shot. Never a non-finite score."""
+        -> the same request with half the views (twice), then zero-shot. Never a non-finite score.
+        `shared`: (views, features) a batch already encoded for this request (predict_batch)."""
         retries = 0
         while True:
             try:
                 if impl.name != "zeroshot" and deadline_passed(request.deadline):
                     raise ZeroShotFallback(DEADLINE, "deadline passed before the method started")
-                output = impl.predict(request)
+                if shared is not None:
+                    with precomputed_features([shared]):
+                        output = impl.predict(request)
+                else:
+                    output = impl.predict(request)
             except ZeroShotFallback as fb:
                 log.info("%s falls back to zero-shot (%s): %s", impl.name, fb.reason, fb.detail)
                 return self._zeroshot_fallback(request, fb.reason, fb.detail)
@@ -194,6 +341,7 @@ class Engine:
                     log.warning("%s ran out of memory (%d retries); zero-shot answer: %s", impl.name, retries, exc)
                     return self._zeroshot_fallback(request, OOM, f"out of memory after {retries} retries")
                 retries += 1
+                shared = None  # the batch's features were for the full view count
                 log.warning("%s ran out of memory; retrying with n_views=%s", impl.name,
                             getattr(smaller, "n_views", None))
                 request = dataclasses.replace(request, options=smaller,

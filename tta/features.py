@@ -1,17 +1,51 @@
-"""Frozen image encoding shared by every method."""
+"""Frozen image encoding shared by every method.
+
+`Engine.predict_batch` encodes the views of a whole batch in shared passes first, then runs each
+request's method under `precomputed_features`: when a method asks to encode exactly those views
+(bit-identical tensor), it gets the shared result instead of a second forward. Any other call
+encodes as usual, so a method never depends on the batch path to be correct.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tta.models import ClipModel
 
+_PRECOMPUTED: contextvars.ContextVar[Sequence[tuple[torch.Tensor, torch.Tensor]] | None] = (
+    contextvars.ContextVar("tta_precomputed_features", default=None)
+)
+
+
+@contextlib.contextmanager
+def precomputed_features(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, `encode_images(clip, views)` returns `feats` for (views, feats) pairs."""
+    token = _PRECOMPUTED.set(list(pairs))
+    try:
+        yield
+    finally:
+        _PRECOMPUTED.reset(token)
+
+
+def _lookup(views: torch.Tensor) -> torch.Tensor | None:
+    for known, feats in _PRECOMPUTED.get() or ():
+        if known.shape == views.shape and known.device == views.device and torch.equal(known, views):
+            return feats
+    return None
+
 
 @torch.no_grad()
 def encode_images(clip: ClipModel, views: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Normalised float32 image features [N, d] of normalised views [N, 3, S, S]."""
     views = views.to(clip.device)
+    shared = _lookup(views)
+    if shared is not None:
+        return shared.clone()
     encode = clip.image_encoder or clip.model.encode_image
     chunks = [
         F.normalize(encode(views[i : i + batch_size]).float(), dim=-1)

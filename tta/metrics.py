@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -63,6 +63,7 @@ FALLBACK_REASONS: tuple[str, ...] = (
 _FALLBACK_ALIASES = {"deadline_exceeded": "deadline"}
 CUSTOM_LABELS = "__request_labels__"  # class label used when a request brought its own label set
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LAZY_LOCK = threading.Lock()
 
 
 def multiprocess_enabled() -> bool:
@@ -226,6 +227,7 @@ class ServingMetrics:
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(model, method, reason)
         self.state_unavailable.labels(model, method)
+        self.embedding_shift.labels(model)  # empty until the drift reference is captured
 
     def observe_prediction(
         self,
@@ -248,6 +250,37 @@ class ServingMetrics:
         else:
             self.changed.labels(model, method)  # export the zero so rate() has a series
         self.observe_drift(model, drift)
+
+    def observe_tier(self, model: str, method: str, tier: str, escalated: bool) -> None:
+        """Which tier of an escalating method (`auto`) answered: the dashboard's escalation rate is
+        sum(rate(...{escalated="true"})) / sum(rate(...))."""
+        counter = self._lazy("tier_answers", lambda: Counter(
+            "tta_tier_answers", "Answers of an escalating method (auto) by the tier that answered",
+            ["model", "method", "tier", "escalated"], registry=self.registry,
+        ))
+        counter.labels(model, method, tier, "true" if escalated else "false").inc()
+
+    def observe_batch(self, model: str, requests: int, shared: int) -> None:
+        """One served batch: how many requests it held and how many shared an encoder pass."""
+        histogram = self._lazy("batch_requests", lambda: Histogram(
+            "tta_batch_requests", "Requests per served batch", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+        ))
+        counter = self._lazy("batch_shared", lambda: Counter(
+            "tta_batch_shared_encoding_requests", "Requests whose images were encoded in a pass shared with others",
+            ["model"], registry=self.registry,
+        ))
+        histogram.labels(model).observe(requests)
+        counter.labels(model).inc(shared)
+
+    def _lazy(self, name: str, make: Callable[[], Any]) -> Any:
+        """Instruments added after the constructor's set, created on first use (one per registry)."""
+        with _LAZY_LOCK:
+            if not hasattr(self, "_lazy_instruments"):
+                self._lazy_instruments: dict[str, Any] = {}
+            if name not in self._lazy_instruments:
+                self._lazy_instruments[name] = make()
+            return self._lazy_instruments[name]
 
     def render(self) -> bytes:
         """Text exposition of this process (or, in multiprocess mode, of all workers)."""

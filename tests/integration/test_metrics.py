@@ -50,6 +50,8 @@ def families(url: str) -> set[str]:
 def test_metrics_count_the_requests_sent(server: TorchServe, photos: dict[str, bytes]) -> None:
     tta_url = f"http://127.0.0.1:{server.tta_metrics_port}/metrics"
     ts_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    drift_state = {"action": "state", "method": "drift"}
+    reference = requests.post(server.predict_url, json=drift_state, headers=server.auth, timeout=60).json()["state"]
     before, ts_before = scrape(tta_url), scrape(ts_url)
 
     ok = ["chelsea", "coffee", "rocket", "astronaut"]
@@ -79,7 +81,13 @@ def test_metrics_count_the_requests_sent(server: TorchServe, photos: dict[str, b
     assert {dict(lbls)["label"] for (n, lbls) in after if n == "tta_predictions_total"} <= {*LABELS, CUSTOM_LABELS}
     changed = delta("tta_adaptation_changed_total", **zero)
     assert 0 <= changed <= len(ok)
-    assert delta("tta_embedding_shift_cosine_distance_count", model=MODEL) == len(ok)
+    # drift: each answer joins the shared reference until it is full; later ones are measured against it
+    captured, size = reference["reference"]["samples"], reference["reference"]["size"]
+    now = requests.post(server.predict_url, json=drift_state, headers=server.auth, timeout=60).json()["state"]
+    assert now["reference"]["samples"] == min(size, captured + len(ok))
+    measured = max(0, min(len(ok), captured + len(ok) - size + 1))
+    assert delta("tta_embedding_shift_cosine_distance_count", model=MODEL) == measured
+    assert total(after, "tta_drift_reference_samples", model=MODEL) == now["reference"]["samples"]
 
     # TorchServe's own frontend metrics, same requests
     assert ts_after and total(ts_after, "ts_inference_requests_total", model_name=MODEL) - total(

@@ -106,6 +106,8 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
     with Prometheus(tmp_path / "prometheus", targets, rule_files=[rule_file]).running() as prom:
         prom.wait(prom.targets_up, 60, "both targets up")
         start = time.time()
+        # privileged actions (reset/export/import): the admin credential is TorchServe's management key
+        admin = {**digits_server.auth, "X-TTA-Admin-Token": digits_server.keys["management"]}
 
         # --- clean traffic: reference, then one full window, then some more -----------------------
         clean = images[: REFERENCE + WINDOW + 32]
@@ -137,6 +139,13 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
         for alert in rules.ALERTS:  # alert expressions evaluate (empty = not firing, checked below)
             prom.query(alert.expr)
 
+        # the reference travels through export/import (admin actions) unchanged
+        post = lambda body: requests.post(digits_server.predict_url, json=body, headers=admin, timeout=60)  # noqa: E731
+        exported = post({"action": "export", "method": "drift"})
+        assert exported.status_code == 200, exported.text
+        imported = post({"action": "import", "method": "drift", "state": exported.json()["state"]})
+        assert imported.status_code == 200 and imported.json()["state"]["reference"] == state["reference"]
+
         # --- shifted traffic until every drift alert fires ----------------------------------------
         shift_at = time.time()
         shifted = shift(images[: 4 * WINDOW])
@@ -157,8 +166,7 @@ def test_drift_alerts_fire_on_live_shifted_traffic(digits_server: TorchServe, di
         assert not {"TTAServerErrors", "TTAStreamStateUnavailable", "TTANoTraffic"} & set(prom.alerts())
 
         # --- re-capture: the next answers build a new reference, the alerts resolve ---------------
-        reset = requests.post(digits_server.predict_url, json={"action": "reset", "method": "drift"},
-                              headers=digits_server.admin, timeout=30)
+        reset = post({"action": "reset", "method": "drift"})
         assert reset.status_code == 200 and reset.json()["state"]["reference"]["samples"] == 0
         recapture_at = time.time()
         send(digits_server, shifted[:4])

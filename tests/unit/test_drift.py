@@ -51,15 +51,15 @@ def test_operations_are_pure_and_freeze_at_the_window() -> None:
     assert frozen(two) and two["count"] == 2 and two["labelled"] == 1
     assert two["class_counts"].tolist() == [1.0, 0.0, 0.0]
     assert apply(two, observe_op(unit(0, 0, 1, 0), 1, 0.1, 0.9))["count"] == 2  # frozen: ignored
-    again = apply(two, {"op": "reset"})
+    again = apply(two, {"kind": "reset"})
     assert again["epoch"] == 1 and again["count"] == 0 and not frozen(again)
-    assert apply(again, {"op": "load", "state": two})["count"] == 2
+    assert apply(again, {"kind": "load", "state": two})["count"] == 2
     with pytest.raises(ValueError, match="labels"):
-        apply(again, {"op": "load", "state": {**two, "meta": {**META, "labels": ["x", "y", "z"]}}})
+        apply(again, {"kind": "load", "state": {**two, "meta": {**META, "labels": ["x", "y", "z"]}}})
     with pytest.raises(ValueError, match="inconsistent"):
-        apply(again, {"op": "load", "state": {**two, "labelled": 2}})
+        apply(again, {"kind": "load", "state": {**two, "labelled": 2}})
     with pytest.raises(ValueError, match="unknown"):
-        apply(again, {"op": "bogus"})
+        apply(again, {"kind": "bogus"})
 
 
 def test_js_divergence_bounds_and_noise_level() -> None:
@@ -76,7 +76,7 @@ def test_js_divergence_bounds_and_noise_level() -> None:
 
 
 def test_reference_is_shared_between_workers_and_survives_restart(state_dir: Path) -> None:
-    config = DriftConfig(reference_size=4, window=2)
+    config = DriftConfig(reference_size=4, window=2, sync_s=0.0)
     first, second = (DriftMonitor(LABELS, "m", 4, config) for _ in range(2))  # two workers, one store
     probs = torch.tensor([0.7, 0.2, 0.1])
     first.observe(unit(1, 0, 0, 0), probs, True)

@@ -16,3 +16,37 @@ def test_fallback_reasons_are_a_fixed_set() -> None:
     assert seen["deadline"] == 1 and seen["state_unavailable"] == 1 and seen["other"] == 2
     assert fallback_reason("numerical") == "numerical"
     assert sum(seen.values()) == 4  # every observation landed on a known label value
+
+
+def test_drift_gauges_show_the_freshest_worker(tmp_path) -> None:
+    """Two worker processes in multiprocess mode: the exporter shows the latest window, not a sum."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from prometheus_client import multiprocess
+    from prometheus_client.exposition import generate_latest
+
+    worker = textwrap.dedent("""
+        import importlib.util, sys, types
+        spec = importlib.util.spec_from_file_location("tta_metrics", sys.argv[2])
+        metrics = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(metrics)
+        m = metrics.ServingMetrics()
+        fields = dict(reference_ready=True, reference_samples=8, window_samples=4, sample_distance=None,
+                      embedding_shift=float(sys.argv[1]), embedding_shift_expected=0.01, class_divergence=None,
+                      class_divergence_expected=None, entropy_shift=None, confidence_shift=None)
+        m.observe_drift("clip", types.SimpleNamespace(**fields))
+    """)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    source = str(Path(__file__).resolve().parents[2] / "tta" / "metrics.py")
+    for value in ("0.5", "0.02"):  # the second worker answered last
+        subprocess.run([sys.executable, "-c", worker, value, source], env=env, check=True, timeout=120)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert list(sample_values(text, "tta_drift_embedding_shift", {"model": "clip"})) == [0.02]
+    [divergence] = sample_values(text, "tta_drift_class_divergence", {"model": "clip"})
+    assert divergence != divergence  # NaN (not measurable), never a made-up 0

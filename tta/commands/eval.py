@@ -6,6 +6,15 @@ optionally shifted with ``--shift noise|blur|contrast|rotate``). Every method se
 images in the same order (classes interleaved, so stream methods see a mixed stream) and starts
 from a fresh state. This is how a deployment picks its method: the accuracy gain bought by each
 millisecond on the deployment's own images and hardware.
+
+``--methods ...,auto --sweep`` calibrates `auto`'s gate: one traced run with the gate at 1 records
+every tier's answer, gate value and milliseconds per image; each threshold of ``--thresholds`` is
+then priced by replaying those traces (the tiers' answers do not depend on the threshold: every
+tier starts from the same seeded views), so the whole curve costs one run. The chosen threshold is
+the cheapest (mean ms) whose accuracy is within ``--tolerance`` of the best fixed method (or of the
+best threshold when no fixed method is evaluated); `auto` is then run for real at that threshold,
+and the command prints the ``--method-defaults`` to deploy it. ``--plot`` draws accuracy against
+mean cost.
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", metavar="PATH", help="write the per-method summary as CSV")
     parser.add_argument("--json", metavar="PATH", help="write the summary and per-image predictions as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--sweep", action="store_true",
+                        help="calibrate auto's gate over --thresholds (needs auto in --methods)")
+    parser.add_argument("--thresholds", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1",
+                        help="gate thresholds for --sweep (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=0.005,
+                        help="--sweep picks the cheapest threshold within this accuracy of the best (default: %(default)s)")
+    parser.add_argument("--plot", metavar="PNG", help="with --sweep: accuracy vs mean cost figure")
 
 
 @dataclass
@@ -58,18 +74,27 @@ class MethodResult:
     zeroshot_correct: int = 0
     changed: int = 0
     predictions: list[str] = field(default_factory=list)
+    escalated: int = 0  # auto: answers from a tier above the first
+    encoded: list[int] = field(default_factory=list)  # auto: images encoded per request
+    traces: list[list[dict[str, Any]]] = field(default_factory=list)  # auto with trace=True
+    threshold: float | None = None
 
     def summary(self) -> dict[str, Any]:
         n = len(self.latencies_s)
         lat = sorted(self.latencies_s)
+        nan = float("nan")
         return {
             "method": self.method,
+            "threshold": self.threshold,
             "n": n,
-            "accuracy": self.correct / n if n else float("nan"),
-            "zeroshot_accuracy": self.zeroshot_correct / n if n else float("nan"),
-            "changed_by_adaptation": self.changed / n if n else float("nan"),
-            "latency_ms_median": 1000 * statistics.median(lat) if n else float("nan"),
-            "latency_ms_p95": 1000 * lat[min(n - 1, int(0.95 * n))] if n else float("nan"),
+            "accuracy": self.correct / n if n else nan,
+            "zeroshot_accuracy": self.zeroshot_correct / n if n else nan,
+            "changed_by_adaptation": self.changed / n if n else nan,
+            "latency_ms_mean": 1000 * statistics.fmean(lat) if n else nan,
+            "latency_ms_median": 1000 * statistics.median(lat) if n else nan,
+            "latency_ms_p95": 1000 * lat[min(n - 1, int(0.95 * n))] if n else nan,
+            "escalation_rate": self.escalated / n if n and self.encoded else None,
+            "encoded_images_mean": statistics.fmean(self.encoded) if self.encoded else None,
         }
 
 
@@ -154,7 +179,12 @@ def evaluate(
             engine = Engine(clip, labels, default_method=result.method,
                             max_labels=max(1000, len(classnames)))  # fresh stream state per method
             engine.method(result.method).parse_options(options[result.method])
+            result.threshold = options[result.method].get("threshold") if result.method == "auto" else None
             bar.set_description(result.method)
+            if items:  # untimed warm-up: first-call costs (label set's text features, allocator) are not the method's
+                engine.predict(items[0][2](), options=options[result.method], seed=seed, top_k=1)
+                if engine.method(result.method).scope == "stream":
+                    engine.reset_state(result.method)
             for i, (_, y, load) in enumerate(items):
                 image = load()
                 start = time.perf_counter()
@@ -164,6 +194,11 @@ def evaluate(
                 result.zeroshot_correct += pred.zeroshot_label == classnames[y]
                 result.changed += pred.changed_by_adaptation
                 result.predictions.append(pred.label)
+                if "escalated" in pred.extra:
+                    result.escalated += bool(pred.extra["escalated"])
+                    result.encoded.append(int(pred.extra.get("encoded_images", 0)))
+                    if "trace" in pred.extra:
+                        result.traces.append(pred.extra["trace"])
                 records[i][result.method] = pred.label
                 bar.update(1)
     finally:
@@ -172,12 +207,94 @@ def evaluate(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'method':<10} {'n':>5} {'accuracy':>9} {'zero-shot':>9} {'changed':>8} {'p50 ms':>9} {'p95 ms':>9}"
+    header = (f"{'method':<10} {'gate':>5} {'n':>5} {'accuracy':>9} {'zero-shot':>9} {'changed':>8} {'escal.':>7} "
+              f"{'mean ms':>9} {'p50 ms':>9} {'p95 ms':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['method']:<10} {r['n']:>5} {r['accuracy']:>9.4f} {r['zeroshot_accuracy']:>9.4f} "
-                     f"{r['changed_by_adaptation']:>8.3f} {r['latency_ms_median']:>9.1f} {r['latency_ms_p95']:>9.1f}")
+        gate = f"{r['threshold']:.2f}" if r.get("threshold") is not None else "-"
+        esc = f"{r['escalation_rate']:.3f}" if r.get("escalation_rate") is not None else "-"
+        lines.append(f"{r['method']:<10} {gate:>5} {r['n']:>5} {r['accuracy']:>9.4f} {r['zeroshot_accuracy']:>9.4f} "
+                     f"{r['changed_by_adaptation']:>8.3f} {esc:>7} {r['latency_ms_mean']:>9.1f} "
+                     f"{r['latency_ms_median']:>9.1f} {r['latency_ms_p95']:>9.1f}")
     return "\n".join(lines)
+
+
+def sweep_rows(traced: MethodResult, truth: list[str], zeroshot_truth: list[str], thresholds: list[float]
+               ) -> list[dict[str, Any]]:
+    """Price each gate threshold by replaying the traced run (gate at 1: every tier's answer,
+    gate value and ms per image). A tier answers when its gate >= threshold (never at 1), as in
+    `auto`; an image's cost is the median cost of the tiers it runs plus the median overhead."""
+    rows = []
+    n = len(traced.traces)
+    # Per-tier medians, not each image's own ms: the tiers do the same work for every image, and a
+    # shared machine's noise would otherwise move the curve more than the thresholds do.
+    tier_ms = [statistics.median(trace[j]["ms"] for trace in traced.traces) for j in range(len(traced.traces[0]))]
+    overhead_ms = statistics.median(t * 1000.0 - sum(step["ms"] for step in trace)
+                                    for t, trace in zip(traced.latencies_s, traced.traces, strict=True))
+    for threshold in thresholds:
+        costs, correct, escalated, changed = [], 0, 0, 0
+        for i, trace in enumerate(traced.traces):
+            k = len(trace) - 1
+            for j, step in enumerate(trace[:-1]):
+                if threshold < 1.0 and step["gate"] >= threshold:
+                    k = j
+                    break
+            costs.append(max(overhead_ms, 0.0) + sum(tier_ms[: k + 1]))
+            correct += trace[k]["label"] == truth[i]
+            changed += trace[k]["label"] != zeroshot_truth[i]
+            escalated += k > 0
+        lat = sorted(costs)
+        rows.append({
+            "method": "auto-sweep", "threshold": threshold, "n": n,
+            "accuracy": correct / n, "zeroshot_accuracy": traced.zeroshot_correct / n, "changed_by_adaptation": changed / n,
+            "latency_ms_mean": statistics.fmean(lat), "latency_ms_median": statistics.median(lat),
+            "latency_ms_p95": lat[min(n - 1, int(0.95 * n))], "escalation_rate": escalated / n,
+            "encoded_images_mean": None,
+        })
+    return rows
+
+
+def choose_threshold(sweep: list[dict[str, Any]], fixed: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The cheapest swept threshold whose accuracy is within `tolerance` of the best fixed method
+    (or of the best threshold when no fixed method ran)."""
+    target = max((r["accuracy"] for r in fixed), default=max(r["accuracy"] for r in sweep))
+    good = [r for r in sweep if r["accuracy"] >= target - tolerance - 1e-12]
+    if not good:  # nothing close enough: the most accurate threshold
+        best = max(r["accuracy"] for r in sweep)
+        good = [r for r in sweep if r["accuracy"] == best]
+    return min(good, key=lambda r: (r["latency_ms_mean"], -r["accuracy"]))
+
+
+def plot_sweep(path: str, sweep: list[dict[str, Any]], fixed: list[dict[str, Any]], chosen: dict[str, Any] | None,
+               title: str) -> None:
+    """Accuracy against mean cost: auto's thresholds as a curve, each fixed method as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    xs = [r["latency_ms_mean"] for r in sweep]
+    ax.plot(xs, [100 * r["accuracy"] for r in sweep], "o-", color="tab:blue", label="auto (gate threshold)")
+    for r in sweep:
+        ax.annotate(f"{r['threshold']:g}", (r["latency_ms_mean"], 100 * r["accuracy"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    for r in fixed:
+        marker = "*" if r["method"] == "auto" else "s"
+        label = f"auto @ {r['threshold']:g} (measured)" if r["method"] == "auto" else r["method"]
+        ax.plot([r["latency_ms_mean"]], [100 * r["accuracy"]], marker, markersize=10 if marker == "*" else 7,
+                label=label)
+    if chosen is not None:
+        ax.axvline(chosen["latency_ms_mean"], color="tab:blue", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean cost per request (ms, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,19 +308,10 @@ def run(args: argparse.Namespace) -> int:
         for method in methods:
             get_method_class(method)  # unknown method: fail before loading anything
         options = method_options(args.option, methods)
-        if args.limit is not None and args.limit < 1:
-            raise BadRequest("--limit must be at least 1", code="bad_options")
-        if args.data in BUILTIN_SETS:
-            classnames, items = digits_dataset(args.limit, args.shift, args.severity)
-            model_spec = args.model or "tiny-digits"
-        else:
-            root = Path(args.data)
-            if not root.is_dir():
-                raise BadRequest(f"{args.data} is neither a folder nor a built-in set {BUILTIN_SETS}", code="bad_dataset")
-            if args.shift != "none":
-                raise BadRequest("--shift applies to built-in sets only", code="bad_options")
-            classnames, items = folder_dataset(root, args.limit)
-            model_spec = args.model or "tiny-random"
+        if args.sweep and "auto" not in methods:
+            raise BadRequest("--sweep calibrates auto: add auto to --methods", code="bad_options")
+        thresholds = _thresholds(args.thresholds)
+        classnames, items, model_spec = _dataset(args)
         clip = load_model(model_spec, device=resolve_device(args.device))
         if args.onnx:
             from tta.onnx_encoder import enable_if_faster
@@ -212,8 +320,13 @@ def run(args: argparse.Namespace) -> int:
             if choice is not None:
                 print(f"image encoder: {choice.chosen} (eager {choice.eager_s:.3f} s, onnx {choice.onnx_s:.3f} s)",
                       file=sys.stderr)
-        results, records = evaluate(clip, classnames, items, methods, options, args.templates, args.seed,
+        sweep: list[dict[str, Any]] = []
+        chosen: dict[str, Any] | None = None
+        fixed = [m for m in methods if not (args.sweep and m == "auto")]
+        results, records = evaluate(clip, classnames, items, fixed, options, args.templates, args.seed,
                                     progress=not args.no_progress)
+        if args.sweep:
+            sweep, chosen = _calibrate(args, clip, classnames, items, methods, options, thresholds, results, records)
     except TTAError as exc:
         print(f"tta: error: {exc}", file=sys.stderr)
         return 2
@@ -222,12 +335,78 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     meta = {"data": args.data, "model": model_spec, "device": str(clip.device), "n_images": len(items),
             "n_classes": len(classnames), "shift": args.shift, "options": options}
+    _write(args, meta, rows, sweep, chosen, records, f"{args.data} ({args.shift}), {model_spec}, {len(items)} images")
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, int, Any]], str]:
+    """Class names, items and the default model spec of DATA (a folder or a built-in set)."""
+    if args.limit is not None and args.limit < 1:
+        raise BadRequest("--limit must be at least 1", code="bad_options")
+    if args.data in BUILTIN_SETS:
+        classnames, items = digits_dataset(args.limit, args.shift, args.severity)
+        return classnames, items, args.model or "tiny-digits"
+    root = Path(args.data)
+    if not root.is_dir():
+        raise BadRequest(f"{args.data} is neither a folder nor a built-in set {BUILTIN_SETS}", code="bad_dataset")
+    if args.shift != "none":
+        raise BadRequest("--shift applies to built-in sets only", code="bad_options")
+    classnames, items = folder_dataset(root, args.limit)
+    return classnames, items, args.model or "tiny-random"
+
+
+def _calibrate(args: argparse.Namespace, clip: Any, classnames: list[str], items: list[tuple[str, int, Any]],
+               methods: list[str], options: dict[str, dict[str, Any]], thresholds: list[float],
+               results: list[MethodResult], records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Traced run at gate 1 -> replayed sweep -> chosen threshold -> a measured run of auto there.
+    Appends the measured auto result to `results` (in --methods order) and its answers to `records`."""
+    truth = [classnames[y] for _, y, _ in items]
+    traced_opts = {"auto": {**options["auto"], "threshold": 1.0, "trace": True}}
+    (traced,), _ = evaluate(clip, classnames, items, ["auto"], traced_opts, args.templates, args.seed,
+                            progress=not args.no_progress)
+    zeroshot_labels = [trace[0]["label"] for trace in traced.traces]
+    sweep = sweep_rows(traced, truth, zeroshot_labels, thresholds)
+    chosen = choose_threshold(sweep, [r.summary() for r in results], args.tolerance)
+    options["auto"] = {**options["auto"], "threshold": chosen["threshold"]}
+    (measured,), auto_records = evaluate(clip, classnames, items, ["auto"], options, args.templates,
+                                         args.seed, progress=not args.no_progress)
+    results.append(measured)
+    results.sort(key=lambda r: methods.index(r.method))
+    for record, extra in zip(records, auto_records, strict=True):
+        record["auto"] = extra["auto"]
+    return sweep, chosen
+
+
+def _write(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]], sweep: list[dict[str, Any]],
+           chosen: dict[str, Any] | None, records: list[dict[str, Any]], title: str) -> None:
+    if sweep and chosen is not None:
+        options = meta["options"]["auto"]
+        print(f"\nauto gate sweep ({options.get('gate', 'max_prob')}; cost replayed from one traced run):")
+        print(format_table(sweep))
+        defaults = json.dumps({"auto": options})
+        print(f"\nchosen threshold {chosen['threshold']:g}: accuracy {chosen['accuracy']:.4f}, "
+              f"mean {chosen['latency_ms_mean']:.1f} ms, escalation {chosen['escalation_rate']:.3f}")
+        print(f"deploy it with: tta archive ... --method-defaults '{defaults}'")
+    table = rows + sweep
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({**meta, "results": rows, "images": records}, indent=2) + "\n",
-                                   encoding="utf-8")
-    return 0
+        body = {**meta, "results": rows, "images": records}
+        if sweep:
+            body.update({"sweep": sweep, "chosen": chosen})
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    if args.plot and sweep:
+        plot_sweep(args.plot, sweep, rows, chosen, f"{title}: accuracy vs cost")
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise BadRequest(f"--thresholds must be numbers in [0, 1], got {text!r}", code="bad_options") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise BadRequest("--thresholds must be numbers in [0, 1]", code="bad_options")
+    return values

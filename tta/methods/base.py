@@ -150,6 +150,10 @@ class Method(ABC):
     scope: ClassVar[Scope]
     Options: ClassVar[type[MethodOptions]]
     description: ClassVar[str] = ""
+    # What the frozen image encoder sees before any state is read, so `Engine.predict_batch` can
+    # encode a whole batch in shared passes: "original" (the resize + center-crop view),
+    # "views" (`make_views` with the options' n_views/augmix and the request's seed), or "none".
+    batch_encoding: ClassVar[Literal["none", "original", "views"]] = "none"
 
     def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
         self.clip = clip
@@ -162,6 +166,22 @@ class Method(ABC):
     @abstractmethod
     def predict(self, request: MethodInput) -> MethodOutput:
         """Adapt (if the method does) and classify one image."""
+
+    def batch_views(self, request: MethodInput) -> torch.Tensor | None:
+        """The exact views [N, 3, S, S] `predict` will encode first, or None when they cannot be
+        known in advance. The request's generator is not advanced (a copy is used)."""
+        from tta.views import ViewSpec, base_view, make_views, normalize
+
+        clip = self.clip
+        if self.batch_encoding == "original":
+            return normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)[None]
+        if self.batch_encoding == "views":
+            opts = request.options
+            generator = torch.Generator().set_state(request.generator.get_state())
+            spec = ViewSpec(n_views=int(getattr(opts, "n_views", 1)), augmix=bool(getattr(opts, "augmix", False)))
+            return make_views(request.image, clip.image_size, clip.mean, clip.std, spec,
+                              generator=generator, device=clip.device)
+        return None
 
     def reset(self) -> None:
         """Return to the initial state (episodic methods have none to drop)."""

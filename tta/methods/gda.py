@@ -168,6 +168,7 @@ class GDA(StreamStateMixin, Method):
     scope = "stream"
     Options = GDAOptions
     description = "Gaussian discriminant analysis from labelled feedback (or confident pseudo-labels) + zero-shot"
+    batch_encoding = "original"
     state_version = 1
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)

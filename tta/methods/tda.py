@@ -96,6 +96,7 @@ class TDA(StreamStateMixin, Method):
     scope = "stream"
     Options = TDAOptions
     description = "positive/negative caches of past confident features; forward only, state kept per deployment"
+    batch_encoding = "views"
     state_version = 1
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)

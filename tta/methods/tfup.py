@@ -172,6 +172,7 @@ class TFUP(StreamStateMixin, Method):
     scope = "stream"
     Options = TFUPOptions
     description = "cache of confident, prototypical past requests (pseudo-labelled); forward only"
+    batch_encoding = "original"
     state_version = 1
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)

@@ -234,6 +234,7 @@ class TPT(Method):
     scope = "episodic"
     Options = TPTOptions
     description = "prompt tuning on confident augmented views, one gradient step per request"
+    batch_encoding = "views"
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
@@ -251,6 +252,23 @@ class TPT(Method):
         check_deadline(request.deadline, "encoding")
         with timer.stage("encode"), autocast(clip.device, amp):
             feats = encode_images(clip, views).float()
+        probs = self.adapt_and_predict(request, feats, opts)
+        zeroshot = (clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+        return MethodOutput(probs=probs, zeroshot_probs=zeroshot, image_features=feats[0])
+
+    def batch_views(self, request: MethodInput) -> torch.Tensor | None:
+        """Shared batch encoding runs in fp32: not for requests that encode under GPU autocast."""
+        if autocast_dtype(request.options.precision, self.clip.device) is not None:  # type: ignore[attr-defined]
+            return None
+        return super().batch_views(request)
+
+    def adapt_and_predict(self, request: MethodInput, feats: torch.Tensor, opts: TPTOptions) -> torch.Tensor:
+        """Tune the prompt on precomputed view features [N, d] (row 0: the original view), restore
+        it, and return the class probabilities [C] of the original view. `auto` calls this with
+        features it already has, so escalating to TPT never re-encodes a view."""
+        clip = self.clip
+        timer = request.timer
+        amp = autocast_dtype(opts.precision, clip.device)
         check_deadline(request.deadline, "adaptation")
         learner = self.prompts.get(self, request.labels, opts.n_ctx, opts.ctx_init)
         scale = clip.logit_scale
@@ -261,6 +279,4 @@ class TPT(Method):
             with timer.stage("predict"), torch.no_grad(), autocast(clip.device, amp):
                 unchanged = learner.at_initial_context()  # steps=0 or a skipped step
                 text = (learner.initial_text_features() if unchanged else learner.text_features()).float()
-            probs = (scale * feats[:1] @ text.t()).softmax(-1)[0]
-        zeroshot = (scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
-        return MethodOutput(probs=probs, zeroshot_probs=zeroshot, image_features=feats[0])
+            return (scale * feats[:1] @ text.t()).softmax(-1)[0]

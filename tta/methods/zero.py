@@ -63,6 +63,7 @@ class Zero(Method):
     scope = "episodic"
     Options = ZeroOptions
     description = "majority vote of the most confident augmented views; forward only, ~TPT accuracy"
+    batch_encoding = "views"
 
     def predict(self, request: MethodInput) -> MethodOutput:
         opts: ZeroOptions = request.options  # type: ignore[assignment]

@@ -20,6 +20,7 @@ class ZeroShot(Method):
     scope = "episodic"
     Options = ZeroShotOptions
     description = "plain CLIP, one forward pass; the cheapest and the reference for the others"
+    batch_encoding = "original"
 
     def predict(self, request: MethodInput) -> MethodOutput:
         clip = self.clip

@@ -22,7 +22,7 @@ import torch
 from tta import state as tta_state
 from tta.admission import Budget
 from tta.drift import DriftConfig
-from tta.engine import Engine, Prediction
+from tta.engine import Engine, Prediction, PredictRequest
 from tta.errors import TTAError, Unavailable
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
@@ -145,10 +145,57 @@ class Service:
         return self.run_batch([self.decode(body, headers) for body, headers in requests], started)
 
     def run_batch(self, requests: Sequence[Decoded], started: float | None = None) -> list[Reply]:
-        """run + encode for decoded requests, one reply each, in order (the seam for batched runs);
-        `started` (`time.monotonic()`) anchors the one deadline of the batch."""
+        """run + encode for decoded requests, one reply each, in order.
+
+        The predictions run as one `Engine.predict_batch` (shared image-encoder passes); a state
+        action splits the batch there, so it sees exactly the state it would see one by one.
+        `started` (`time.monotonic()`, default now) anchors the one deadline of the batch.
+        """
         started = time.monotonic() if started is None else started
-        return [self.encode(request, self.run(request, started)) for request in requests]
+        results: list[Result | None] = [None] * len(requests)
+        segment: list[int] = []
+        for index, request in enumerate(requests):
+            if isinstance(request, Predict | OipInfer):
+                segment.append(index)
+                continue
+            self._run_segment(requests, segment, results, started)
+            segment = []
+            results[index] = self.run(request, started)
+        self._run_segment(requests, segment, results, started)
+        return [self.encode(request, result) for request, result in zip(requests, results, strict=True)]
+
+    def _run_segment(self, requests: Sequence[Decoded], indices: list[int], results: list[Result | None],
+                     started: float) -> None:
+        """Predict every image of the requests at `indices` in one engine batch."""
+        if not indices:
+            return
+        items = [(i, item) for i in indices for item in _items(requests[i])]
+        try:
+            answers: list[Prediction | Exception] = self.engine.predict_batch([
+                PredictRequest(item.image, item.method, item.options, item.labels, item.top_k, item.seed,
+                               self.budget.deadline(item.deadline_ms, start=started))
+                for _, item in items
+            ])
+        except Exception:  # noqa: BLE001 - an engine bug: each request answers alone
+            log.exception("batched run failed; running the requests one by one")
+            for i in indices:
+                results[i] = self.run(requests[i], started)
+            return
+        per_request: dict[int, list[Prediction]] = {i: [] for i in indices}
+        for (i, item), answer in zip(items, answers, strict=True):
+            if isinstance(results[i], Failure):
+                continue
+            if isinstance(answer, Exception):
+                if not isinstance(answer, TTAError):
+                    log.error("request failed unexpectedly", exc_info=answer)
+                results[i] = codec.failure(answer, self.method_of(requests[i]))
+                continue
+            per_request[i].append(self._finish(item, answer))
+        for i in indices:
+            if results[i] is None:
+                results[i] = per_request[i]
+        shared = sum(1 for a in answers if not isinstance(a, Exception) and "batch" in a.extra)
+        self.metrics.observe_batch(self.model.name, len(items), shared)
 
     def method_of(self, request: Decoded) -> str:
         """The method a request runs with (metrics label): its own, else the deployment default."""
@@ -162,6 +209,10 @@ class Service:
             request.image, method=request.method, options=request.options, labels=request.labels,
             top_k=request.top_k, seed=request.seed, deadline=deadline,
         )
+        return self._finish(request, prediction)
+
+    def _finish(self, request: Predict, prediction: Prediction) -> Prediction:
+        """Request-level timings (decode, total since arrival) and metrics of one answer."""
         timings = {"decode": request.decode_ms, **prediction.timings_ms}
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
         prediction.timings_ms = timings
@@ -179,6 +230,8 @@ class Service:
         )
         if self.engine.method(prediction.method).scope == "stream":
             m.observe_state(name, prediction.method, self.engine.state_summary(prediction.method))
+        if "tier" in prediction.extra:
+            m.observe_tier(name, prediction.method, str(prediction.extra["tier"]), bool(prediction.extra.get("escalated")))
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
@@ -210,6 +263,11 @@ class Service:
             return {**base, "imported": True, "state": engine.state_summary(method)}
         assert request.image is not None and request.label is not None  # decode_action guarantees both
         return {**base, "feedback": engine.feedback(request.image, request.label, method, seed=request.seed)}
+
+
+def _items(request: Decoded) -> list[Predict]:
+    """The images a decoded prediction request asks for (one, or an OIP request's list)."""
+    return [request] if isinstance(request, Predict) else list(request.items)  # type: ignore[union-attr]
 
 
 # --- building a worker from a deployment config ------------------------------------------------------
@@ -248,6 +306,7 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         seed=int(config.get("seed", 0)),
         budget=budget,
         drift=DriftConfig.from_mapping(config),
+        max_batch_images=int(config.get("max_batch_images", 256)),
     )
     if metrics is None:
         metrics = ServingMetrics()

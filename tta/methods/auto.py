@@ -1,0 +1,319 @@
+"""`auto`: pay for adaptation only where it helps.
+
+Per request, run the cheapest tier first (zero-shot by default), answer at once when its
+prediction is confident, otherwise escalate to the next tier (ZERO with a few views, then TPT)
+while the request's latency budget allows. The TTA papers' own analyses find the gain on
+low-confidence inputs; confident ones rarely change, so most requests can skip the 64-view cost.
+
+- Tiers: ``tiers="zeroshot,zero:16,tpt:64"`` (``name[:views]``; names: zeroshot, zero, tpt),
+  cheapest first. The last tier with the most views defines the view pool: every multi-view tier
+  uses a prefix of the same seeded views, so with the gate at 1 the answer is the last tier's
+  own answer for the same seed, and the views a lower tier encoded are reused by the next.
+- Gate: a confidence in [0, 1] of the tier's probabilities: ``max_prob`` (top-1 probability),
+  ``margin`` (top-1 minus top-2) or ``entropy`` (1 - entropy / log C). A tier answers when the
+  confidence is >= ``threshold``; threshold 0 always answers at the first tier, threshold 1
+  always escalates to the last.
+- Budget: ``budget_ms`` (0 = none) and the request's deadline (`MethodInput.deadline`), both
+  from the start of this method. A tier runs only if this worker's *measured* latency for it
+  (an exponentially weighted mean per tier and label-set size) fits in what is left; a tier never
+  measured yet is estimated from this request's first tier (per image x views, x3 for TPT's
+  backward) until it has run once.
+- Reuse: the original view's embedding (tier 0) is row 0 of every later tier, the class text
+  features come from the engine's cache, and views already encoded are never encoded again.
+- Optional online gate: ``target_rate`` > 0 moves this worker's threshold by ``rate_step`` x
+  (target - escalated) after every request (a Robbins-Monro step towards the target escalation
+  rate), clamped to [``threshold_min``, ``threshold_max``]. It is per worker and in memory
+  (restarts from ``threshold``), so it only steers cost; calibrate ``threshold`` offline with
+  ``tta eval DATA --methods auto --sweep``.
+
+The response adds ``tier`` (which tier answered), ``escalated``, ``gate`` (kind, threshold,
+the confidence after each tier run), ``stopped_by`` (confident | budget | last_tier) and
+``encoded_images``; with ``trace`` also each tier's label, gate value and milliseconds (what
+``tta eval --sweep`` replays to price every threshold from one run).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from tta.features import encode_images
+from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
+from tta.methods.tpt import TPT, TPTOptions
+from tta.methods.zero import zero_vote
+from tta.views import ViewSpec, base_view, make_views, normalize
+
+TIER_NAMES = ("zeroshot", "zero", "tpt")
+DEFAULT_VIEWS = {"zeroshot": 1, "zero": 64, "tpt": 64}
+Gate = Literal["max_prob", "margin", "entropy"]
+EWMA_WEIGHT = 0.3  # weight of the newest latency sample in the per-tier running mean
+TPT_PRIOR_FACTOR = 3.0  # TPT's backward through the text encoder on top of its forward
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    views: int
+
+    @property
+    def key(self) -> str:
+        return self.name if self.name == "zeroshot" else f"{self.name}:{self.views}"
+
+
+def parse_tiers(spec: str) -> tuple[Tier, ...]:
+    """``"zeroshot,zero:16,tpt:64"`` -> tiers; raises ValueError with a reason."""
+    tiers = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, views = part.partition(":")
+        name = name.strip()
+        if name not in TIER_NAMES:
+            raise ValueError(f"unknown tier '{name}' (known: {', '.join(TIER_NAMES)})")
+        n = DEFAULT_VIEWS[name] if not views else int(views)
+        if name == "zeroshot" and n != 1:
+            raise ValueError("zeroshot has exactly one view")
+        if not 1 <= n <= 512:
+            raise ValueError("views per tier must be in [1, 512]")
+        tiers.append(Tier(name, n))
+    if not tiers:
+        raise ValueError("no tiers")
+    return tuple(tiers)
+
+
+@dataclass(frozen=True)
+class AutoOptions(MethodOptions):
+    """Escalation policy; defaults answer confident images zero-shot, the rest with ZERO/TPT."""
+
+    tiers: str = "zeroshot,zero:16,tpt:64"
+    gate: Gate = "max_prob"
+    threshold: float = 0.6  # answer when the gate's confidence >= threshold (0: first tier, 1: last)
+    budget_ms: float = 0.0  # latency budget of this method per request; 0 = none (deadline still applies)
+    augmix: bool = False  # AugMix views for the multi-view tiers
+    target_rate: float = 0.0  # > 0: steer this worker's threshold online towards this escalation rate
+    rate_step: float = 0.01
+    threshold_min: float = 0.0
+    threshold_max: float = 1.0
+    trace: bool = False  # add each tier's label, gate value and ms to the answer (calibration)
+
+    def parsed_tiers(self) -> tuple[Tier, ...]:
+        return parse_tiers(self.tiers)
+
+    def validate(self) -> None:
+        try:
+            self.parsed_tiers()
+        except ValueError as exc:
+            check(False, f"tiers: {exc}; e.g. 'zeroshot,zero:16,tpt:64'")
+        check(self.gate in ("max_prob", "margin", "entropy"), "gate must be max_prob, margin or entropy")
+        check(0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]")
+        check(0.0 <= self.budget_ms <= 3_600_000.0, "budget_ms must be in [0, 3600000] (0 = none)")
+        check(0.0 <= self.target_rate <= 1.0, "target_rate must be in [0, 1] (0 = fixed threshold)")
+        check(0.0 < self.rate_step <= 0.5, "rate_step must be in (0, 0.5]")
+        check(0.0 <= self.threshold_min <= self.threshold_max <= 1.0,
+              "need 0 <= threshold_min <= threshold_max <= 1")
+
+
+def gate_confidence(probs: torch.Tensor, kind: str) -> float:
+    """Confidence in [0, 1] of one probability vector [C]: higher = more sure."""
+    p = probs.detach().float()
+    if kind == "max_prob":
+        return float(p.max())
+    if kind == "margin":
+        if p.numel() < 2:
+            return 1.0
+        top = p.topk(2).values
+        return float(top[0] - top[1])
+    if p.numel() < 2:
+        return 1.0
+    q = p.clamp_min(1e-12)
+    return float(1.0 + (q * q.log()).sum() / math.log(p.numel()))
+
+
+class TierLatency:
+    """Per-worker running mean (EWMA) of each tier's wall-clock milliseconds."""
+
+    def __init__(self, weight: float = EWMA_WEIGHT) -> None:
+        self.weight = weight
+        self._ms: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, n_classes: int) -> float | None:
+        with self._lock:
+            return self._ms.get((key, n_classes))
+
+    def observe(self, key: str, n_classes: int, ms: float) -> None:
+        with self._lock:
+            old = self._ms.get((key, n_classes))
+            self._ms[(key, n_classes)] = ms if old is None else (1 - self.weight) * old + self.weight * ms
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {f"{k}@{c}": round(v, 3) for (k, c), v in self._ms.items()}
+
+
+class _Episode:
+    """One request's reusable work: view pool and the features encoded so far (row i = view i)."""
+
+    def __init__(self, method: Auto, request: MethodInput, opts: AutoOptions, tiers: tuple[Tier, ...]) -> None:
+        self.method = method
+        self.request = request
+        self.pool_size = max(t.views for t in tiers)
+        self.augmix = opts.augmix
+        self.generator_state = request.generator.get_state()  # every view pool starts from the request seed
+        self.views: torch.Tensor | None = None
+        self.feats: torch.Tensor | None = None
+
+    def features(self, n: int) -> torch.Tensor:
+        """Features of views 0..n-1, encoding only those not encoded yet."""
+        clip = self.method.clip
+        timer = self.request.timer
+        have = 0 if self.feats is None else self.feats.shape[0]
+        if have >= n:
+            return self.feats[:n]
+        if n == 1 and self.views is None:
+            with timer.stage("augment"):
+                views = normalize(base_view(self.request.image.to(clip.device), clip.image_size),
+                                  clip.mean, clip.std).unsqueeze(0)
+        else:
+            if self.views is None:
+                generator = torch.Generator().set_state(self.generator_state)
+                with timer.stage("augment"):
+                    self.views = make_views(self.request.image, clip.image_size, clip.mean, clip.std,
+                                            ViewSpec(n_views=self.pool_size, augmix=self.augmix),
+                                            generator=generator, device=clip.device)
+            views = self.views[have:n]
+        with timer.stage("encode"):
+            new = encode_images(clip, views).float()
+        self.feats = new if self.feats is None else torch.cat([self.feats, new])
+        return self.feats[:n]
+
+
+@register
+class Auto(Method):
+    name = "auto"
+    scope = "episodic"
+    Options = AutoOptions
+    description = "zero-shot first; escalates to ZERO/TPT only when unsure and the latency budget allows"
+    batch_encoding = "original"
+
+    def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
+        super().__init__(clip, defaults)
+        self._tpt = TPT(clip)
+        self.latency = TierLatency()
+        self._online_threshold: float | None = None
+        self._lock = threading.Lock()
+
+    def batch_views(self, request: MethodInput) -> torch.Tensor | None:
+        """A batch can share the first tier's encoding when that tier is zero-shot."""
+        tiers = request.options.parsed_tiers()  # type: ignore[attr-defined]
+        return super().batch_views(request) if tiers[0].name == "zeroshot" else None
+
+    # --- the gate's threshold (fixed, or tracked online) ----------------------------------------
+    def _threshold(self, opts: AutoOptions) -> float:
+        if opts.target_rate <= 0:
+            return opts.threshold
+        with self._lock:
+            if self._online_threshold is None:
+                self._online_threshold = opts.threshold
+            return min(max(self._online_threshold, opts.threshold_min), opts.threshold_max)
+
+    def _track(self, opts: AutoOptions, threshold: float, wanted_escalation: bool) -> None:
+        if opts.target_rate <= 0:
+            return
+        step = opts.rate_step * (opts.target_rate - float(wanted_escalation))
+        with self._lock:
+            self._online_threshold = min(max(threshold + step, opts.threshold_min), opts.threshold_max)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._online_threshold = None
+
+    # --- tiers ------------------------------------------------------------------------------------
+    def _run_tier(self, tier: Tier, episode: _Episode, request: MethodInput) -> torch.Tensor:
+        clip = self.clip
+        feats = episode.features(tier.views)
+        if tier.name == "zeroshot":
+            with request.timer.stage("predict"):
+                return (clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+        if tier.name == "zero":
+            with request.timer.stage("predict"):
+                votes = zero_vote(clip.logit_scale * feats @ request.text_features.t(), 0.3)
+                return votes / votes.sum()
+        return self._tpt.adapt_and_predict(request, feats, TPTOptions(n_views=tier.views, augmix=episode.augmix))
+
+    def _estimate_ms(self, tier: Tier, n_classes: int, first_ms: float, first_views: int) -> float:
+        measured = self.latency.get(tier.key, n_classes)
+        if measured is not None:
+            return measured
+        per_view = first_ms / max(1, first_views)
+        return per_view * tier.views * (TPT_PRIOR_FACTOR if tier.name == "tpt" else 1.0)
+
+    def predict(self, request: MethodInput) -> MethodOutput:
+        opts: AutoOptions = request.options  # type: ignore[assignment]
+        tiers = opts.parsed_tiers()
+        start = time.monotonic()
+        limits = [start + opts.budget_ms / 1000.0] if opts.budget_ms > 0 else []
+        if request.deadline is not None:
+            limits.append(request.deadline)
+        due = min(limits) if limits else None
+        threshold = self._threshold(opts)
+        n_classes = request.text_features.shape[0]
+        episode = _Episode(self, request, opts, tiers)
+        gates: list[float] = []
+        stopped_by = "last_tier"
+        wanted_escalation = False
+        first_ms = 0.0
+        probs = None
+        answered = 0
+        trace: list[dict[str, Any]] = []
+        for index, tier in enumerate(tiers):
+            if index > 0:
+                estimate = self._estimate_ms(tier, n_classes, first_ms, tiers[0].views)
+                if due is not None and time.monotonic() + estimate / 1000.0 > due:
+                    stopped_by = "budget"
+                    break
+            tier_start = time.perf_counter()
+            probs = self._run_tier(tier, episode, request)
+            if request.timer.device.type == "cuda":
+                torch.cuda.synchronize(request.timer.device)
+            ms = (time.perf_counter() - tier_start) * 1000.0
+            self.latency.observe(tier.key, n_classes, ms)
+            if index == 0:
+                first_ms = ms
+            answered = index
+            step = {"tier": tier.key, "label": request.labels.names[int(probs.argmax())], "ms": round(ms, 3)}
+            trace.append(step)
+            if index == len(tiers) - 1:
+                break
+            confidence = gate_confidence(probs, opts.gate)
+            gates.append(round(confidence, 6))
+            step["gate"] = gates[-1]
+            if confidence >= threshold and threshold < 1.0:
+                stopped_by = "confident"
+                break
+            wanted_escalation = True
+        self._track(opts, threshold, wanted_escalation)
+        assert probs is not None and episode.feats is not None
+        feats = episode.feats
+        zeroshot = (self.clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+        extra: dict[str, Any] = {
+            "tier": tiers[answered].key,
+            "escalated": answered > 0,
+            "gate": {"kind": opts.gate, "threshold": round(threshold, 6), "values": gates},
+            "stopped_by": stopped_by,
+            "encoded_images": int(feats.shape[0]),
+        }
+        if opts.trace:
+            extra["trace"] = trace
+        return MethodOutput(probs=probs, zeroshot_probs=zeroshot, image_features=feats[0], extra=extra)
+
+    def state_summary(self) -> dict[str, Any]:
+        """Measured tier latencies and the online threshold (worker-local, not persisted)."""
+        with self._lock:
+            online = self._online_threshold
+        return {"tier_latency_ms": self.latency.snapshot(), "online_threshold": online}
