@@ -30,6 +30,8 @@ from tta.timing import StageTimer
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
+# zero-shot is the fallback itself; `auto` stops escalating at the deadline and says so ("stopped_by")
+MANAGES_OWN_DEADLINE = frozenset({"zeroshot", "auto"})
 MAX_OOM_RETRIES = 2  # out of memory: retry with half the views, twice, then answer zero-shot
 
 
@@ -322,7 +324,7 @@ class Engine:
         retries = 0
         while True:
             try:
-                if impl.name != "zeroshot" and deadline_passed(request.deadline):
+                if impl.name not in MANAGES_OWN_DEADLINE and deadline_passed(request.deadline):
                     raise ZeroShotFallback(DEADLINE, "deadline passed before the method started")
                 if shared is not None:
                     with precomputed_features([shared]):
