@@ -1,1 +1,1 @@
-"""Prometheus rules, the Grafana dashboard and its picture for clip-tta (see monitoring/README.md)."""
+"""Prometheus rules, the Grafana dashboard and its picture for clip-tta (README: "Monitoring drift")."""

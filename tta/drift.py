@@ -6,7 +6,7 @@ differs between workers and pods, is lost on restart and cannot be re-taken afte
 change, so the same traffic would read as "drifted" on one replica and not on another. Here the
 reference is stream state owned by the name ``drift``: captured from the first
 `DriftConfig.reference_size` answered images after a reset, persisted and synchronised exactly
-like TDA/GDA state (`tta.state.StreamState`: process, file snapshot, or the deployment's shared
+like TDA/GDA state (an owner on `tta.state.open_host`: in-process, file snapshots, or the Redis operation log shared by all replicas
 backend), re-captured with ``{"action": "reset", "method": "drift"}``.
 
 Every change to the reference is a small operation dict (``{"kind": "observe" | "reset" |
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from tta.errors import BadRequest, Unavailable
-from tta.state import StreamState, check_meta
+from tta.state import check_meta, open_host
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ class DriftMonitor:
         self._lock = threading.RLock()
         self._unavailable_logged = False
         self._synced_at = -math.inf
-        self.host = StreamState(OWNER, self.snapshot, self.restore)
-        self.host.restore_on_start()
+        self.host = open_host(OWNER, self)
+        self.host.start()
 
     # --- owner protocol: the host calls these, in operation order ---
     def apply(self, op: Mapping[str, Any]) -> None:
@@ -298,17 +298,18 @@ class DriftMonitor:
         else:
             self._reference = apply(self._reference, {"kind": "load", "state": state})
 
-    # --- the host (tta.state.StreamState today: file snapshots / one owning process) ---
-    def _commit(self, op: Mapping[str, Any] | None, force_save: bool = False) -> dict[str, Any]:
-        """Apply `op` (None: just catch up) after reloading what other workers wrote; the reference."""
-        with self.host.transaction(force_save=force_save):
-            if op is not None:
-                before = self._reference
-                self.apply(op)
-                if op.get("kind") != "observe" or self._reference["count"] != before["count"]:
-                    self.host.changed()
-            self._synced_at = time.monotonic()
-            return self._reference
+    # --- the host (tta.state.open_host: in-process, file snapshots or the Redis operation log) ---
+    def _commit(self, op: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Append `op` to the state log (None: just catch up) and apply everything up to it; the reference.
+
+        When the backend is away the reference is the last known one (the op is queued by the host).
+        """
+        if op is None:
+            self.host.sync()
+        else:
+            self.host.commit(dict(op))
+        self._synced_at = time.monotonic()
+        return self._reference
 
     # --- per request ---
     def observe(self, image_features: torch.Tensor | None, zeroshot_probs: torch.Tensor | None,
@@ -351,10 +352,12 @@ class DriftMonitor:
     def reset(self) -> None:
         """Re-capture the reference from the next `reference_size` answered images (all workers)."""
         with self._lock:
-            self._commit({"kind": "reset", "size": self.config.reference_size}, force_save=True)
+            self.host.reset()  # every replica: restore(None), a new capture
 
     def state_dict(self) -> dict[str, Any]:
-        with self._lock, self.host.transaction(force_save=self.host.mode == "interval"):
+        with self._lock:
+            self._commit(None)
+            self.host.flush()
             return self.snapshot()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -365,7 +368,7 @@ class DriftMonitor:
                 apply(self._reference, {"kind": "load", "state": state})  # validate first: a bad import changes nothing
             except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
                 raise BadRequest(f"cannot import drift state: {exc}", code="bad_state") from exc
-            self._commit({"kind": "load", "state": state})
+            self.host.load(state)
 
     def state_summary(self) -> dict[str, Any]:
         with self._lock:

@@ -145,7 +145,14 @@ class Engine:
             if name not in self._methods:
                 cls = get_method_class(name)
                 defaults = cls.Options.from_dict(self._method_defaults.get(name))
-                self._methods[name] = cls(self.clip, defaults)
+                instance = cls(self.clip, defaults)
+                bind_engine = getattr(instance, "bind_engine", None)
+                if bind_engine is not None:  # a method that runs others (auto's stream tier) gets the lookup
+                    bind_engine(self.method)
+                bind_deployment = getattr(instance, "bind_deployment", None)
+                if bind_deployment is not None:  # stream state: the deployment's labels, and its classifier for replayed ops
+                    bind_deployment(self.labels.names, lambda: self.text_cache.get(self.clip, self.labels))
+                self._methods[name] = instance
             return self._methods[name]
 
     def resolve_labels(self, labels: Sequence[str] | None) -> LabelSet:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -292,8 +293,36 @@ def scrape_registry(local: CollectorRegistry) -> CollectorRegistry:
     if not multiprocess_enabled():
         return local
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    LiveMultiProcessCollector(registry)
     return registry
+
+
+class LiveMultiProcessCollector(multiprocess.MultiProcessCollector):
+    """The merged view, after dropping the `live*` gauges of worker processes that have exited.
+
+    prometheus-client only forgets a dead process's live gauges when someone calls
+    `mark_process_dead`; TorchServe restarts crashed workers without telling us, so the exporter
+    checks at each scrape (pids of one server's directory; a reused pid keeps a stale value at worst).
+    """
+
+    _LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for entry in os.listdir(self._path):
+            match = self._LIVE_FILE.match(entry)
+            if match and not _alive(int(match.group(1))):
+                multiprocess.mark_process_dead(int(match.group(1)), self._path)
+        return super().collect()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class Exporter:

@@ -48,13 +48,19 @@ def _together(server: TorchServe, bodies: list) -> list[requests.Response]:
 
 
 def _batch_count(server: TorchServe) -> float:
+    return _metric(server, "tta_batch_shared_encoding_requests_total")
+
+
+def _metric(server: TorchServe, name: str, labels: dict[str, str] | None = None) -> float:
     reply = requests.get(f"http://127.0.0.1:{server.tta_metrics_port}/metrics", timeout=10)
-    return sum(sample_values(reply.text, "tta_batch_shared_encoding_requests_total"))
+    return sum(sample_values(reply.text, name, labels))
 
 
 def test_mixed_batch_equals_one_by_one(server: TorchServe, photos: dict[str, bytes]) -> None:
     bodies = _bodies(photos)
     shared_before = _batch_count(server)
+    tier = {"method": "auto", "tier": "zero:4", "escalated": "true"}
+    tier_before = _metric(server, "tta_tier_answers_total", tier)
     for _attempt in range(5):  # TorchServe decides the batches: retry until these four shared one
         batched = _together(server, bodies)
         if any("batch" in r.json() for r in batched if r.status_code == 200):
@@ -80,5 +86,6 @@ def test_mixed_batch_equals_one_by_one(server: TorchServe, photos: dict[str, byt
     while _batch_count(server) < shared_before + 2 and time.monotonic() < deadline:
         time.sleep(0.2)  # poll: the exporter reads the workers' metric files
     assert _batch_count(server) >= shared_before + 2
+    assert _metric(server, "tta_tier_answers_total", tier) >= tier_before + 2  # batched + one-by-one auto
     log = server.workdir / "logs" / "model_log.log"
     assert "shared encoder pass" in log.read_text(errors="replace")

@@ -6,17 +6,21 @@ Debian base, and `buildah run --isolation chroot` starts the image's entrypoint 
 network, so TorchServe gets free loopback ports through TS_* environment overrides
 (config.properties has enable_envvars_config=true). TorchServe keeps token authorization on (the
 image's default config); the key is read from the container's file system.
-Set CLIP_TTA_TEST_IMAGE=localhost/clip-tta:TAG to test an image that is already built.
+Set CLIP_TTA_TEST_IMAGE=localhost/clip-tta:TAG to test an image that is already built, and
+CLIP_TTA_KEEP_IMAGE=1 to keep the one the test builds. It then runs the image again with
+SERVER=kserve (the InferenceService's mode) and checks the KServe adapter gives the same answer.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from tests.integration.torchserve import BIN, REPO, free_port
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(3600),  # the build alone takes ~10 min on 2 cores
     pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah not installed (apt-get install buildah)"),
 ]
 LABELS = ["cat", "dog", "coffee", "rocket", "astronaut"]
@@ -55,16 +60,18 @@ def image() -> Iterator[str]:
     try:
         yield name
     finally:
-        buildah("rmi", "-f", name)
+        if os.environ.get("CLIP_TTA_KEEP_IMAGE") != "1":
+            buildah("rmi", "-f", name)
 
 
-def container_processes(root: Path) -> list[int]:
-    """Host pids of the processes whose root directory is the container's (chroot isolation)."""
+def container_processes(mark: str) -> list[int]:
+    """Host pids of the container's processes (chroot isolation shares the host's pid namespace):
+    those that inherited the marker variable the test started the entrypoint with."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if Path(os.readlink(entry / "root")).resolve() == root.resolve():
+                if mark.encode() in (entry / "environ").read_bytes().split(b"\0"):
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -98,6 +105,8 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
         "TS_GRPC_INFERENCE_PORT": str(ports["grpc_i"]), "TS_GRPC_MANAGEMENT_PORT": str(ports["grpc_m"]),
         "TS_INITIAL_WORKER_PORT": str(ports["worker"]), "HF_HUB_OFFLINE": "1",
     }
+    mark = f"CLIP_TTA_IMAGE_TEST={uuid.uuid4().hex}"
+    started = time.monotonic()
     ctr = buildah("from", image)
     process = None
     log = tmp_path / "container.log"
@@ -107,6 +116,7 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
         args = ["buildah", "run", "--isolation", "chroot", "-v", f"{tmp_path}:/labels:ro"]
         for key, value in env.items():
             args += ["--env", f"{key}={value}"]
+        args += ["--env", mark]
         with open(log, "wb") as out:
             process = subprocess.Popen([*args, ctr, "/app/docker/entrypoint.sh"], stdout=out,
                                        stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
@@ -124,6 +134,8 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
             time.sleep(1)  # poll interval of a deadline loop
         else:
             pytest.fail(f"not ready in 600 s:\n{log.read_text(errors='replace')[-4000:]}")
+        print(f"TorchServe in the image answering {time.monotonic() - started:.0f} s after start "
+              f"(archive built from MODEL=tiny-random at start)")
 
         reply = requests.post(f"{env['TS_INFERENCE_ADDRESS']}/predictions/clip", data=photo.read_bytes(),
                               headers={"Authorization": f"Bearer {keys['inference']['key']}",
@@ -143,7 +155,7 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
                                      headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert unauthorised.status_code in (400, 401)  # token authorization stays on in the image
 
-        pids = container_processes(root)
+        pids = container_processes(mark)
         commands = {pid: cmdline(pid) for pid in pids}
         assert any("org.pytorch.serve.ModelServer" in c for c in commands.values()), commands
         assert any("model_service_worker" in c for c in commands.values()), commands
@@ -154,12 +166,41 @@ def test_image_serves_predictions_as_non_root(image: str, tmp_path: Path) -> Non
         os.kill(serve, signal.SIGTERM)
         assert process.wait(timeout=120) == 0
         assert "probe: drain done" in log.read_text(errors="replace")
-        assert not container_processes(root)
+        assert not container_processes(mark)
+
+        # SERVER=kserve (the InferenceService's mode): same image, KServe's model server, same answer
+        kserve_log = tmp_path / "kserve.log"
+        port = free_port()
+        with open(kserve_log, "wb") as out:
+            process = subprocess.Popen(
+                [*args, "--env", "SERVER=kserve", "--env", f"HTTP_PORT={port}", "--env", "ARCHIVE_ARGS=--no-grpc",
+                 "--env", "TTA_METRICS_PORT=0", ctr, "/app/docker/entrypoint.sh"],
+                stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert process.poll() is None, kserve_log.read_text(errors="replace")[-4000:]
+            try:
+                if requests.get(f"{url}/v2/models/clip/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)  # poll interval of a deadline loop
+        else:
+            pytest.fail(f"KServe not ready in 600 s:\n{kserve_log.read_text(errors='replace')[-4000:]}")
+        reply = requests.post(f"{url}/v1/models/clip:predict", timeout=120,
+                              json={"image": base64.b64encode(photo.read_bytes()).decode()})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["label"] == expected["label"]
+        kserve_pids = container_processes(mark)
+        assert kserve_pids and all(uid_of(pid) != 0 for pid in kserve_pids)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
     finally:
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
-        for pid in container_processes(Path(buildah("mount", ctr))):
+        for pid in container_processes(mark):
             os.kill(pid, signal.SIGKILL)
         buildah("umount", ctr)
         buildah("rm", ctr)

@@ -9,12 +9,9 @@ session TorchServe's for the same requests.
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib.util
 import json
 import os
-import secrets
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +26,9 @@ import pytest
 import requests
 
 from tests.integration.conftest import LABELS, MAX_LABELS, MAX_PIXELS, MODEL
+from tests.integration.kserve_server import KServe
 from tests.integration.test_server import _bomb_png
-from tests.integration.torchserve import BIN, TorchServe, free_port
+from tests.integration.torchserve import TorchServe
 from tta.metrics import sample_values
 
 # Only look for kserve: importing it here would register its OIP protos in this process's protobuf
@@ -40,80 +37,8 @@ pytestmark = [pytest.mark.server, pytest.mark.skipif(importlib.util.find_spec("k
                                                      reason="the kserve extra is not installed (uv sync --extra kserve)")]
 
 METHOD_DEFAULTS = '{"tpt": {"n_views": 8}, "zero": {"n_views": 8}}'
-
-
-@dataclass
-class KServe:
-    """`tta serve --server kserve` in a subprocess, on free ports, logging to its work directory."""
-
-    workdir: Path
-    model: str
-    http_port: int = field(default_factory=free_port)
-    grpc_port: int = field(default_factory=free_port)
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
-    admin_token: str = field(default_factory=lambda: secrets.token_hex(16))  # privileged state actions
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"}  # gRPC metadata keys must be lower-case
-
-    @property
-    def admin(self) -> dict[str, str]:
-        return {**self.auth, "x-tta-admin-token": self.admin_token}
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "kserve.log"
-
-    @contextlib.contextmanager
-    def running(self, labels_file: Path, timeout_s: float = 180.0) -> Iterator[KServe]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        token_file = self.workdir / "token"
-        token_file.write_text(self.token, encoding="utf-8")
-        cmd = [str(BIN / "tta"), "-v", "serve", "--server", "kserve", "--model", "tiny-random", "--name", self.model,
-               "--labels-file", str(labels_file), "--method-defaults", METHOD_DEFAULTS,
-               "--max-labels", str(MAX_LABELS), "--max-image-pixels", str(MAX_PIXELS), "--batch-size", "4",
-               "--max-batch-delay", "200", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--token-file", str(token_file)]
-        env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "TTA_METRICS_PORT")}
-        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="", TTA_ADMIN_TOKEN=self.admin_token)
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-            try:
-                self.wait_ready(timeout_s)
-                yield self
-            finally:
-                self.stop()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"tta serve exited ({self.process.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/v2/models/{self.model}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.25)  # poll interval of a deadline loop
-        raise TimeoutError(f"KServe model not ready after {timeout_s}s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+SERVE_ARGS = ("--method-defaults", METHOD_DEFAULTS, "--max-labels", str(MAX_LABELS), "--max-image-pixels",
+              str(MAX_PIXELS), "--batch-size", "4", "--max-batch-delay", "200")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +46,7 @@ def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServe]:
     workdir = tmp_path_factory.mktemp("kserve")
     labels = workdir / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
-    with KServe(workdir, MODEL).running(labels) as server:
+    with KServe(workdir, MODEL).running(labels, *SERVE_ARGS) as server:
         yield server
 
 
@@ -332,8 +257,28 @@ def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
             raise AssertionError("a model still loading answered")
         model.load()
         assert model.wait_loaded(timeout=120) and model.describe()["label_set_size"] == 2
+        broken = ClipTTAModel("broken", {"model": "tiny-random", "labels_file": sys.argv[1] + ".missing",
+                                         "metrics_port": 0}, metrics=ServingMetrics())
+        broken.load_now()  # a model that cannot load stays not ready and says why
+        assert not broken.ready and broken.load_error is not None
+        try:
+            asyncio.run(broken.predict({"image": "AAAA"}))
+        except ModelNotReady as exc:
+            assert "failed" in str(exc)
+        else:
+            raise AssertionError("a model that failed to load answered")
         print("ready after load")
     """)
     run = subprocess.run([sys.executable, "-c", script, str(labels)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0 and "ready after load" in run.stdout, run.stderr[-3000:]
+
+
+def test_oversized_body_is_refused_before_decoding(kserve: KServe) -> None:
+    """Bodies over --max-request-bytes (16 MiB, TorchServe's max_request_size) get 413, with or without a length."""
+    blob = b"0" * (16 * 1024 * 1024 + 1)
+    infer = f"{kserve.url}/v2/models/{MODEL}/infer"
+    for data in (blob, iter([blob[: len(blob) // 2], blob[len(blob) // 2:]])):  # Content-Length, then chunked
+        reply = requests.post(infer, data=data, headers={**kserve.auth, "Content-Type": "application/json"},
+                              timeout=60)
+        assert reply.status_code == 413 and reply.json()["error"] == "request_too_large", reply.text

@@ -111,3 +111,18 @@ def test_bad_tiers_are_client_errors(engine, sample_images):
     for bad in ("", "zeroshot,rlcf", "zero:0", "zeroshot:4", "zero:x"):
         with pytest.raises(BadRequest):
             engine.predict(sample_images["chelsea"], method="auto", options={"tiers": bad})
+
+
+def test_tda_tier_is_the_deployments_tda_fed_the_original_view(tiny_clip, sample_images):
+    """With a stream tier first, auto at gate 0 answers what `tda` answers and updates the same
+    caches in the same order (two fresh engines, the same stream of images)."""
+    via_auto = Engine(tiny_clip, LabelSet.create(LABELS), default_method="auto",
+                      method_defaults={"auto": {"tiers": "tda,zero:4", "threshold": 0.0}})
+    direct = Engine(tiny_clip, LabelSet.create(LABELS), default_method="tda")
+    for name, image in sample_images.items():
+        a, d = via_auto.predict(image), direct.predict(image)
+        assert a.extra["tier"] == "tda" and a.extra["encoded_images"] == 1, name
+        assert torch.allclose(a.probs, d.probs, atol=1e-6)
+    assert via_auto.state_summary("tda")["updates"] == direct.state_summary("tda")["updates"] > 0
+    escalated = via_auto.predict(sample_images["chelsea"], options={"threshold": 1.0}, seed=2)
+    assert escalated.extra["tier"] == "zero:4" and escalated.extra["encoded_images"] == 4

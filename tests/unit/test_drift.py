@@ -4,7 +4,6 @@ signals that separate clean from shifted digits on the tiny digits CLIP."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +31,16 @@ META = {"method": "drift", "state_version": 1, "model": "m", "embed_dim": 4, "la
 
 
 @pytest.fixture()
-def state_dir(tmp_path: Path):
-    previous = configure(StateConfig(directory=tmp_path, deployment="t", sync="shared"))
-    yield tmp_path
-    configure(previous)
+def shared_state():
+    """One Redis state log for the 'workers' (DriftMonitors) of a test."""
+    from tta.testing.redis_server import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    with RedisServer() as server:
+        previous = configure(StateConfig(url=server.url, deployment="t"))
+        yield server
+        configure(previous)
 
 
 def unit(*values: float) -> torch.Tensor:
@@ -75,7 +80,7 @@ def test_js_divergence_bounds_and_noise_level() -> None:
     assert sum(values) / len(values) == pytest.approx(expected_js_bits(10, 200, 400), rel=0.25)
 
 
-def test_reference_is_shared_between_workers_and_survives_restart(state_dir: Path) -> None:
+def test_reference_is_shared_between_workers_and_survives_restart(shared_state) -> None:
     config = DriftConfig(reference_size=4, window=2, sync_s=0.0)
     first, second = (DriftMonitor(LABELS, "m", 4, config) for _ in range(2))  # two workers, one store
     probs = torch.tensor([0.7, 0.2, 0.1])

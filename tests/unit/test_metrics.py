@@ -18,16 +18,18 @@ def test_fallback_reasons_are_a_fixed_set() -> None:
     assert sum(seen.values()) == 4  # every observation landed on a known label value
 
 
-def test_drift_gauges_show_the_freshest_worker(tmp_path) -> None:
-    """Two worker processes in multiprocess mode: the exporter shows the latest window, not a sum."""
+def test_drift_gauges_show_the_freshest_live_worker(tmp_path) -> None:
+    """Worker processes in multiprocess mode: the exporter shows the latest window of a live worker;
+    a worker that exited (TorchServe restarts crashed ones) is dropped, not shown, not summed."""
     import os
     import subprocess
     import sys
     import textwrap
     from pathlib import Path
 
-    from prometheus_client import multiprocess
     from prometheus_client.exposition import generate_latest
+
+    from tta.metrics import LiveMultiProcessCollector
 
     worker = textwrap.dedent("""
         import importlib.util, sys, types
@@ -39,14 +41,28 @@ def test_drift_gauges_show_the_freshest_worker(tmp_path) -> None:
                       embedding_shift=float(sys.argv[1]), embedding_shift_expected=0.01, class_divergence=None,
                       class_divergence_expected=None, entropy_shift=None, confidence_shift=None)
         m.observe_drift("clip", types.SimpleNamespace(**fields))
+        print("written", flush=True)
+        sys.stdin.read()  # stay alive until the test closes stdin
     """)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     source = str(Path(__file__).resolve().parents[2] / "tta" / "metrics.py")
-    for value in ("0.5", "0.02"):  # the second worker answered last
-        subprocess.run([sys.executable, "-c", worker, value, source], env=env, check=True, timeout=120)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
-    text = generate_latest(registry).decode()
-    assert list(sample_values(text, "tta_drift_embedding_shift", {"model": "clip"})) == [0.02]
-    [divergence] = sample_values(text, "tta_drift_class_divergence", {"model": "clip"})
-    assert divergence != divergence  # NaN (not measurable), never a made-up 0
+
+    def shown() -> list[float]:
+        registry = CollectorRegistry()
+        LiveMultiProcessCollector(registry, path=str(tmp_path))
+        return list(sample_values(generate_latest(registry).decode(), "tta_drift_embedding_shift", {"model": "clip"}))
+
+    live = subprocess.Popen([sys.executable, "-c", worker, "0.02", source], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline().strip() == "written"
+        # a worker that writes later and then dies: most recent, but gone
+        subprocess.run([sys.executable, "-c", worker, "0.5", source], env=env, check=True, timeout=120, input="")
+        assert shown() == [0.02]
+        registry = CollectorRegistry()
+        LiveMultiProcessCollector(registry, path=str(tmp_path))
+        [divergence] = sample_values(generate_latest(registry).decode(), "tta_drift_class_divergence", {"model": "clip"})
+        assert divergence != divergence  # NaN (not measurable), never a made-up 0
+    finally:
+        live.communicate(input="", timeout=60)
+    assert shown() == []  # every worker gone: no stale drift reading

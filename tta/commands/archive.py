@@ -45,10 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="model_store", help="export folder (default: %(default)s)")
     parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="min = max workers; with >1, give --state-dir so stream methods share one state "
-                             "(without it the extra workers refuse stream requests with 503) (default: %(default)s)")
+                        help="min = max workers; with >1, give --state-url (Redis) so stream methods share one "
+                             "state (without it the extra workers refuse stream requests with 503) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
     parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to fill a batch (default: %(default)s)")
+    parser.add_argument("--max-batch-images", type=int, default=256,
+                        help="images per shared image-encoder pass when a batch runs together (multi-view "
+                             "requests are packed whole) (default: %(default)s)")
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds per batch (default: %(default)s)")
     parser.add_argument("--startup-timeout", type=int, default=600,
                         help="seconds to load weights and warm up (default: %(default)s)")
@@ -59,9 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--metrics-port", type=int, default=8083,
                         help="port of the tta metrics exporter; 0 disables; env TTA_METRICS_PORT wins")
-    parser.add_argument("--state-dir", help="folder for stream-method state snapshots (default: env TTA_STATE_DIR)")
-    parser.add_argument("--state-sync", choices=("shared", "interval"),
-                        help="how workers share stream state (default: env TTA_STATE_SYNC or shared)")
+    parser.add_argument("--state-url",
+                        help="Redis URL (redis://HOST:PORT/DB, rediss:// for TLS) holding the stream-method state "
+                             "of this deployment: every worker and replica serves one state. The password may "
+                             "come from env TTA_STATE_PASSWORD instead; env TTA_STATE_URL overrides this at run time")
+    parser.add_argument("--state-dir", help="folder for stream-method state snapshots of a single-worker deployment "
+                                            "(default: env TTA_STATE_DIR)")
+    parser.add_argument("--state-every", type=int,
+                        help="operations between state snapshots (default: 50 for files, 1000 for Redis)")
     parser.add_argument("--drift-reference-size", type=int, default=512,
                         help="answered images captured into the shared drift reference (tta.drift); env "
                              "TTA_DRIFT_REFERENCE_SIZE wins (default: %(default)s)")
@@ -99,13 +107,15 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "default_method": args.method,
             "method_defaults": method_defaults,
             "max_labels": args.max_labels,
+            "max_batch_images": args.max_batch_images,
             "max_image_pixels": args.max_image_pixels,
             "max_image_bytes": args.max_image_bytes,
             "metrics_port": args.metrics_port,
             "metrics_address": "127.0.0.1",
             "warmup": not args.no_warmup,
             "state_dir": args.state_dir,
-            "state_sync": args.state_sync,
+            "state_url": args.state_url,
+            "state_every": args.state_every,
             "drift_reference_size": args.drift_reference_size,
             "drift_window": args.drift_window,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
@@ -131,9 +141,20 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         DriftConfig(args.drift_reference_size, args.drift_window)
     except ValueError as exc:
         raise TTAError(str(exc)) from exc
-    for flag in ("workers", "batch_size"):
+    for flag in ("workers", "batch_size", "max_batch_images"):
         if getattr(args, flag) < 1:
             raise TTAError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.state_url:
+        from urllib.parse import urlparse
+
+        from tta.state import mask_url
+
+        url = urlparse(args.state_url)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise TTAError(f"--state-url must be redis://, rediss:// or unix://, not {mask_url(args.state_url)}")
+        if url.password:
+            raise TTAError("--state-url carries a password, which would be stored in the archive: give it at run "
+                           "time instead (env TTA_STATE_PASSWORD, or the whole URL in env TTA_STATE_URL)")
     return method_defaults
 
 

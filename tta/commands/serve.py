@@ -59,14 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-delay", type=int, default=int(os.environ.get("MAX_BATCH_DELAY", 50)),
                         help="ms to fill a batch (default: %(default)s)")
     parser.add_argument("--max-labels", type=int, default=1000, help="per-request label list limit")
+    parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                        help="larger request bodies get 413 (default: %(default)s, TorchServe's max_request_size)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="extra tta-only metrics exporter port (0: none; tta metrics are on the HTTP "
                              "port's /metrics anyway; env TTA_METRICS_PORT wins)")
-    parser.add_argument("--state-dir", help="folder for stream-method state snapshots (default: env TTA_STATE_DIR)")
-    parser.add_argument("--state-sync", choices=("shared", "interval"),
-                        help="how processes share stream state (default: env TTA_STATE_SYNC or shared)")
+    parser.add_argument("--state-url", help="Redis URL holding the stream-method state shared by every replica "
+                                            "(redis://HOST:PORT/DB, rediss:// for TLS; env TTA_STATE_URL wins; put a "
+                                            "password in TTA_STATE_PASSWORD rather than on the command line)")
+    parser.add_argument("--state-dir", help="folder for stream-method state snapshots of a single process "
+                                            "(default: env TTA_STATE_DIR)")
+    parser.add_argument("--state-every", type=int, help="operations between state snapshots (default: 50 files, "
+                                                        "1000 Redis)")
     parser.add_argument("--token-file", help=f"file holding the bearer token infer requests must send "
                                              f"(default: env {TOKEN_ENV}; none: no authentication)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction")
@@ -91,7 +97,7 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
         "method_defaults": method_defaults, "max_labels": args.max_labels,
         "max_image_pixels": args.max_image_pixels, "max_image_bytes": args.max_image_bytes,
         "metrics_port": args.metrics_port, "warmup": not args.no_warmup, "device": args.device,
-        "state_dir": args.state_dir, "state_sync": args.state_sync,
+        "state_dir": args.state_dir, "state_url": args.state_url, "state_every": args.state_every,
     }
     if args.labels_file:
         config["labels_file"] = str(Path(args.labels_file).resolve())
@@ -112,10 +118,22 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.server == "torchserve":
-        return _torchserve(args)
-    config = deployment_config(args)
-    token = read_token(args)
+    """Exit 2 on a bad flag or config, 1 when the server stopped because the model cannot load."""
+    try:
+        if args.server == "torchserve":
+            return _torchserve(args)
+        config, token = deployment_config(args), read_token(args)
+    except (TTAError, OSError) as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _kserve(args, config, token)
+    except TTAError as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _kserve(args: argparse.Namespace, config: dict[str, Any], token: str | None) -> int:
     # One process serves: prometheus-client must use in-process storage so KServe's /metrics
     # (the default registry) shows the tta instruments too.
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -130,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                        f"or pip install 'clip-tta[kserve]')") from exc
     metrics = ServingMetrics(registry=prometheus_client.REGISTRY)
     model = ClipTTAModel(args.name, config, model_version=args.version, metrics=metrics, token=token,
-                         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay)
+                         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
+                         max_request_bytes=args.max_request_bytes)
     log.warning("serving %s (%s) with KServe: REST :%d%s%s", args.name, args.model, args.http_port,
                 "" if args.no_grpc else f", gRPC :{args.grpc_port}", ", bearer token required" if token else "")
     serve(model, args.http_port, args.grpc_port, grpc=not args.no_grpc)

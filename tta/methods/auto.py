@@ -5,8 +5,10 @@ prediction is confident, otherwise escalate to the next tier (ZERO with a few vi
 while the request's latency budget allows. The TTA papers' own analyses find the gain on
 low-confidence inputs; confident ones rarely change, so most requests can skip the 64-view cost.
 
-- Tiers: ``tiers="zeroshot,zero:16,tpt:64"`` (``name[:views]``; names: zeroshot, zero, tpt),
-  cheapest first. The last tier with the most views defines the view pool: every multi-view tier
+- Tiers: ``tiers="zeroshot,zero:32,tpt:64"`` (``name[:views]``; names: zeroshot, tda, zero,
+  tpt), cheapest first. ``tda`` runs the deployment's own TDA instance (its defaults, its caches,
+  updated as a direct ``tda`` request would) on the original view's features: a stream method as
+  the cheap first tier when the deployment has one. The last tier with the most views defines the view pool: every multi-view tier
   uses a prefix of the same seeded views, so with the gate at 1 the answer is the last tier's
   own answer for the same seed, and the views a lower tier encoded are reused by the next.
 - Gate: a confidence in [0, 1] of the tier's probabilities: ``max_prob`` (top-1 probability),
@@ -34,22 +36,26 @@ the confidence after each tier run), ``stopped_by`` (confident | budget | last_t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from tta.features import encode_images
+from tta.errors import BadRequest
+from tta.features import encode_images, precomputed_features
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tpt import TPT, TPTOptions
 from tta.methods.zero import zero_vote
 from tta.views import ViewSpec, base_view, make_views, normalize
 
-TIER_NAMES = ("zeroshot", "zero", "tpt")
-DEFAULT_VIEWS = {"zeroshot": 1, "zero": 64, "tpt": 64}
+TIER_NAMES = ("zeroshot", "tda", "zero", "tpt")
+DEFAULT_VIEWS = {"zeroshot": 1, "tda": 1, "zero": 64, "tpt": 64}
+SINGLE_VIEW = ("zeroshot", "tda")
 Gate = Literal["max_prob", "margin", "entropy"]
 EWMA_WEIGHT = 0.3  # weight of the newest latency sample in the per-tier running mean
 TPT_PRIOR_FACTOR = 3.0  # TPT's backward through the text encoder on top of its forward
@@ -62,7 +68,7 @@ class Tier:
 
     @property
     def key(self) -> str:
-        return self.name if self.name == "zeroshot" else f"{self.name}:{self.views}"
+        return self.name if self.name in SINGLE_VIEW else f"{self.name}:{self.views}"
 
 
 def parse_tiers(spec: str) -> tuple[Tier, ...]:
@@ -76,8 +82,8 @@ def parse_tiers(spec: str) -> tuple[Tier, ...]:
         if name not in TIER_NAMES:
             raise ValueError(f"unknown tier '{name}' (known: {', '.join(TIER_NAMES)})")
         n = DEFAULT_VIEWS[name] if not views else int(views)
-        if name == "zeroshot" and n != 1:
-            raise ValueError("zeroshot has exactly one view")
+        if name in SINGLE_VIEW and n != 1:
+            raise ValueError(f"{name} has exactly one view here (its deployment options apply)")
         if not 1 <= n <= 512:
             raise ValueError("views per tier must be in [1, 512]")
         tiers.append(Tier(name, n))
@@ -90,7 +96,7 @@ def parse_tiers(spec: str) -> tuple[Tier, ...]:
 class AutoOptions(MethodOptions):
     """Escalation policy; defaults answer confident images zero-shot, the rest with ZERO/TPT."""
 
-    tiers: str = "zeroshot,zero:16,tpt:64"
+    tiers: str = "zeroshot,zero:32,tpt:64"
     gate: Gate = "max_prob"
     threshold: float = 0.6  # answer when the gate's confidence >= threshold (0: first tier, 1: last)
     budget_ms: float = 0.0  # latency budget of this method per request; 0 = none (deadline still applies)
@@ -167,6 +173,7 @@ class _Episode:
         self.generator_state = request.generator.get_state()  # every view pool starts from the request seed
         self.views: torch.Tensor | None = None
         self.feats: torch.Tensor | None = None
+        self.original: torch.Tensor | None = None  # the normalised original view [1, 3, S, S]
 
     def features(self, n: int) -> torch.Tensor:
         """Features of views 0..n-1, encoding only those not encoded yet."""
@@ -187,6 +194,8 @@ class _Episode:
                                             ViewSpec(n_views=self.pool_size, augmix=self.augmix),
                                             generator=generator, device=clip.device)
             views = self.views[have:n]
+        if have == 0:
+            self.original = views[:1]
         with timer.stage("encode"):
             new = encode_images(clip, views).float()
         self.feats = new if self.feats is None else torch.cat([self.feats, new])
@@ -204,14 +213,15 @@ class Auto(Method):
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
         self._tpt = TPT(clip)
+        self._lookup: Callable[[str], Method] | None = None
         self.latency = TierLatency()
         self._online_threshold: float | None = None
         self._lock = threading.Lock()
 
     def batch_views(self, request: MethodInput) -> torch.Tensor | None:
-        """A batch can share the first tier's encoding when that tier is zero-shot."""
+        """A batch can share the first tier's encoding when that tier is single-view."""
         tiers = request.options.parsed_tiers()  # type: ignore[attr-defined]
-        return super().batch_views(request) if tiers[0].name == "zeroshot" else None
+        return super().batch_views(request) if tiers[0].name in SINGLE_VIEW else None
 
     # --- the gate's threshold (fixed, or tracked online) ----------------------------------------
     def _threshold(self, opts: AutoOptions) -> float:
@@ -240,11 +250,29 @@ class Auto(Method):
         if tier.name == "zeroshot":
             with request.timer.stage("predict"):
                 return (clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+        if tier.name == "tda":
+            return self._run_stream(tier.name, feats, episode, request)
         if tier.name == "zero":
             with request.timer.stage("predict"):
                 votes = zero_vote(clip.logit_scale * feats @ request.text_features.t(), 0.3)
                 return votes / votes.sum()
         return self._tpt.adapt_and_predict(request, feats, TPTOptions(n_views=tier.views, augmix=episode.augmix))
+
+    def bind_engine(self, lookup: Callable[[str], Method]) -> None:
+        """The engine's method lookup: a stream tier (`tda`) runs the deployment's own instance."""
+        self._lookup = lookup
+
+    def _run_stream(self, name: str, feats: torch.Tensor, episode: _Episode, request: MethodInput) -> torch.Tensor:
+        """The deployment's stream method on this image, fed the original view's features already
+        computed (its state is updated exactly as a direct request would update it)."""
+        if self._lookup is None:
+            raise BadRequest(f"tier '{name}' needs a serving engine (Engine.method)", code="bad_options")
+        stream = self._lookup(name)
+        sub = dataclasses.replace(request, options=stream.defaults,
+                                  generator=torch.Generator().set_state(episode.generator_state))
+        assert episode.original is not None
+        with precomputed_features([(episode.original, feats[:1])]):
+            return stream.predict(sub).probs
 
     def _estimate_ms(self, tier: Tier, n_classes: int, first_ms: float, first_views: int) -> float:
         measured = self.latency.get(tier.key, n_classes)

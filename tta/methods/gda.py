@@ -183,6 +183,7 @@ class GDA(StreamStateMixin, Method):
         self.feedback_total = 0
         self.feedback_correct = 0
         self.last_refit_ms = 0.0
+        self.last_cv_ms = 0.0  # this worker's measurement (not state: replicas measure differently)
         self._init_stream()
 
     # --- state ----------------------------------------------------------------------------
@@ -240,8 +241,13 @@ class GDA(StreamStateMixin, Method):
             return None
         return keys, classes, groups
 
-    def refit(self, text_features: torch.Tensor, opts: GDAOptions) -> None:
-        """Closed-form refit (+ alpha by cross-validation when alpha is None); timed."""
+    def refit(self, text_features: torch.Tensor, opts: GDAOptions, cv_expensive: bool | None = None) -> None:
+        """Closed-form refit (+ alpha by cross-validation when alpha is None); timed.
+
+        `cv_expensive`: whether the last cross-validation cost more than the budget, as measured by
+        the replica that made the operation (carried in it, so every replica decides alike); None =
+        this worker's own measurement.
+        """
         start = time.perf_counter()
         self._text = text_features.detach().float().cpu()
         data = self._training_set()
@@ -253,20 +259,20 @@ class GDA(StreamStateMixin, Method):
         fallback = self._text
         scale = self.clip.logit_scale
         previous = self._fit
-        cv_ms = previous.get("cv_ms", 0.0) if previous is not None else 0.0
-        if (opts.alpha is None and previous is not None and cv_ms > CV_BUDGET_MS
+        expensive = self.last_cv_ms > CV_BUDGET_MS if cv_expensive is None else cv_expensive
+        if (opts.alpha is None and previous is not None and expensive
                 and previous.get("cv_n", 0) * CV_GROWTH > labels.numel()):
             alpha, cv_acc, cv_n = previous["alpha"], previous["cv_accuracy"] or float("nan"), previous["cv_n"]
         elif opts.alpha is None:  # expensive cross-validation reruns only when the support grew by a quarter
             cv_start = time.perf_counter()
             alpha, cv_acc = choose_alpha(feats, labels, groups, scale * feats @ self._text.t(), n_classes, fallback)
-            cv_n, cv_ms = int(labels.numel()), (time.perf_counter() - cv_start) * 1000.0
+            cv_n, self.last_cv_ms = int(labels.numel()), (time.perf_counter() - cv_start) * 1000.0
         else:
-            alpha, cv_acc, cv_n, cv_ms = float(opts.alpha), float("nan"), 0, 0.0
+            alpha, cv_acc, cv_n = float(opts.alpha), float("nan"), 0
         weights, bias = fit_gda(feats, labels, n_classes, fallback)
         self._fit = {"weights": weights.to(self.clip.device), "bias": bias.to(self.clip.device), "alpha": alpha,
                      "cv_accuracy": None if math.isnan(cv_acc) else round(cv_acc, 4), "n": int(labels.numel()),
-                     "cv_n": cv_n, "cv_ms": cv_ms}
+                     "cv_n": cv_n}
         self._pseudo_since_refit = 0
         self.last_refit_ms = (time.perf_counter() - start) * 1000.0
         log.debug("gda refit on %d features in %.1f ms (alpha %s)", labels.numel(), self.last_refit_ms, alpha)
@@ -281,41 +287,70 @@ class GDA(StreamStateMixin, Method):
         return encode_images(clip, batch)
 
     def add_examples(self, features: Sequence[torch.Tensor], labels: Sequence[int], text_features: torch.Tensor,
-                     opts: GDAOptions | None = None, refit: bool = True) -> None:
-        """Labelled examples (each [V, d]: the views of one image); one refit at the end."""
+                     opts: GDAOptions | None = None, refit: bool = True) -> bool:
+        """Labelled examples (each [V, d]: the views of one image) as one operation; one refit at the end.
+
+        False when the state backend is unreachable (the examples are queued, not applied yet).
+        """
         opts = opts if opts is not None else self.defaults  # type: ignore[assignment]
         n_classes = text_features.shape[0]
-        with self.host.transaction():
-            for feats, label in zip(features, labels, strict=True):
-                if not 0 <= int(label) < n_classes:
-                    raise BadRequest(f"label index {label} outside [0, {n_classes})", code="unknown_label")
-                for row in feats.reshape(-1, feats.shape[-1]):
-                    self.support.offer(int(label), row.cpu(), float(self._examples))
-                self._examples += 1
-            self.host.changed()
-            if refit:
-                self.refit(text_features, opts)  # type: ignore[arg-type]
+        for label in labels:
+            if not 0 <= int(label) < n_classes:
+                raise BadRequest(f"label index {label} outside [0, {n_classes})", code="unknown_label")
+        self._last_text = text_features
+        feats = torch.stack([f.detach().float().cpu().reshape(-1, f.shape[-1]) for f in features])
+        return self.host.commit({"kind": "support", "feats": feats, "labels": [int(v) for v in labels],
+                                 "refit": bool(refit), "opts": self._opts_delta(opts),
+                                 "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
 
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """A labelled example: scored first (online accuracy), then added to the support set."""
         opts: GDAOptions = request.options  # type: ignore[assignment]
         with request.timer.stage("encode"):
             feats = self._encode(request.image, opts.support_views, request.generator)
-        with self.host.transaction():
-            self._bind_labels(request.labels.names)
-            self._ensure_fit(request.text_features, opts)
-            predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
-            self.feedback_total += 1
-            self.feedback_correct += int(predicted == label_index)
-            self.add_examples([feats.cpu()], [label_index], request.text_features, opts, refit=True)
-        return {"method": self.name, "label": request.labels.names[label_index],
-                "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
-                "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        self._last_text = request.text_features
+        self._bind_labels(request.labels.names)
+        available = self.host.sync()
+        predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
+        op = {"kind": "support", "feats": feats.detach().float().cpu()[None], "labels": [int(label_index)],
+              "refit": True, "scored": predicted == label_index, "opts": self._opts_delta(opts),
+              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS}
+        available = self.host.commit(op) and available
+        reply = {"method": self.name, "label": request.labels.names[label_index],
+                 "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
+                 "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
 
-    def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions) -> None:
+    def _apply_op(self, op: Any) -> None:
+        """`support`: labelled examples (+ online-accuracy score); `pseudo`: one confident prediction."""
+        opts: GDAOptions = self._options(op)
+        if op["kind"] == "support":
+            if op.get("scored") is not None:
+                self.feedback_total += 1
+                self.feedback_correct += int(bool(op["scored"]))
+            for feats, label in zip(op["feats"], op["labels"], strict=True):
+                for row in feats:
+                    self.support.offer(int(label), row, float(self._examples))
+                self._examples += 1
+            refit = bool(op.get("refit", True))
+        elif op["kind"] == "pseudo":
+            refit = False
+            if self.pseudo.offer(op["cls"], op["feature"], op["score"]):
+                self._pseudo_since_refit += 1
+                refit = self._pseudo_since_refit >= opts.refit_every
+        else:
+            raise ValueError(f"gda has no operation {op['kind']!r}")
+        text = self._deployment_text()
+        if text is None:
+            return
+        if refit:
+            self.refit(text, opts, bool(op.get("cv_expensive", False)))
+        self._ensure_fit(text, opts, bool(op.get("cv_expensive", False)))
+
+    def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions, cv_expensive: bool | None = None) -> None:
         stale = self._text is None or self._text.shape != text_features.shape
         if (self._fit is None or stale) and (len(self.support) + len(self.pseudo)) >= 2:
-            self.refit(text_features, opts)
+            self.refit(text_features, opts, cv_expensive)
 
     def _logits(self, feats: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         zs = self.clip.logit_scale * feats @ text_features.t()
@@ -335,19 +370,21 @@ class GDA(StreamStateMixin, Method):
         if not request.is_default_labels:
             return MethodOutput(probs=zeroshot, zeroshot_probs=zeroshot, image_features=feats[0],
                                 extra={"fallback": "gda is fitted for the deployment's labels only; zero-shot"})
-        with request.timer.stage("adapt"), self.host.transaction():
+        self._last_text = request.text_features
+        with request.timer.stage("adapt"):
             self._bind_labels(request.labels.names)
             if opts.pseudo_labels and float(zeroshot.max()) >= opts.pseudo_threshold:
-                if self.pseudo.offer(int(zeroshot.argmax()), feats[0].cpu(), float(entropy(zs_logits))):
-                    self._pseudo_since_refit += 1
-                    self.host.changed()
-            if self._pseudo_since_refit >= opts.refit_every:
-                self.refit(request.text_features, opts)
-            self._ensure_fit(request.text_features, opts)
+                available = self.host.commit({"kind": "pseudo", "cls": int(zeroshot.argmax()),
+                                              "feature": feats[0].detach().float().cpu(),
+                                              "score": float(entropy(zs_logits)), "opts": self._opts_delta(opts),
+                                              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
+            else:
+                available = self.host.sync()
             logits = self._logits(feats, request.text_features)[0]
             fitted = self._fit is not None
+        extra = {} if fitted else {"fallback": "gda has no support examples yet; zero-shot"}
         return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0],
-                            extra={} if fitted else {"fallback": "gda has no support examples yet; zero-shot"})
+                            extra=self._flag(extra, available))
 
 
 def fit_support_folder(engine: Any, folder: str | Path, method: str = "gda") -> dict[str, Any]:

@@ -165,14 +165,32 @@ class TDA(StreamStateMixin, Method):
         return out
 
     def update(self, feature: torch.Tensor, pred: int, loss: float, probs: torch.Tensor, opts: TDAOptions) -> bool:
-        """TDA's cache rules for one sample; True when a cache changed."""
-        changed = False
-        if opts.positive:
-            changed |= self.pos.offer(pred, feature, loss)
+        """TDA's cache rules for one sample, applied here directly (no log); True when a cache changed."""
+        before = self.updates
+        self._apply_op(self.update_op(feature, pred, loss, probs, opts))
+        return self.updates != before
+
+    def update_op(self, feature: torch.Tensor, pred: int, loss: float, probs: torch.Tensor,
+                  opts: TDAOptions) -> dict[str, Any]:
+        """The operation for one sample: which caches it is offered to is decided here, once."""
         h = normalized_entropy(loss, probs.shape[-1])
-        if opts.negative and opts.neg_entropy[0] < h < opts.neg_entropy[1]:
-            changed |= self.neg.offer(pred, feature, loss, probs)
-        return changed
+        negative = bool(opts.negative and opts.neg_entropy[0] < h < opts.neg_entropy[1])
+        op: dict[str, Any] = {"kind": "update", "cls": int(pred), "loss": float(loss), "pos": bool(opts.positive),
+                              "neg": negative, "feature": feature.detach().float().cpu()}
+        if negative:
+            op["probs"] = probs.detach().float().cpu()
+        return op
+
+    def _apply_op(self, op: Any) -> None:
+        if op["kind"] != "update":
+            raise ValueError(f"tda has no operation {op['kind']!r}")
+        changed = False
+        if op["pos"]:
+            changed |= self.pos.offer(op["cls"], op["feature"], op["loss"])
+        if op["neg"]:
+            changed |= self.neg.offer(op["cls"], op["feature"], op["loss"], op["probs"])
+        if changed:
+            self.updates += 1
 
     def predict(self, request: MethodInput) -> MethodOutput:
         opts: TDAOptions = request.options  # type: ignore[assignment]
@@ -181,12 +199,10 @@ class TDA(StreamStateMixin, Method):
         if not request.is_default_labels:
             return MethodOutput(probs=zeroshot if opts.n_views == 1 else logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
                                 extra={"fallback": "tda keeps state for the deployment's labels only; zero-shot"})
-        with request.timer.stage("adapt"), self.host.transaction():
+        with request.timer.stage("adapt"):
             self._bind_labels(request.labels.names)
-            pred = int(logits.argmax())
-            if self.update(feature, pred, loss, probs, opts):
-                self.updates += 1
-                self.host.changed()
+            available = self.host.commit(self.update_op(feature, int(logits.argmax()), loss, probs, opts))
             final = self.adapted_logits(feature, logits, opts)
+        extra = {"cache": {"positive": len(self.pos), "negative": len(self.neg)}}
         return MethodOutput(probs=final.softmax(-1), zeroshot_probs=zeroshot, image_features=feature,
-                            extra={"cache": {"positive": len(self.pos), "negative": len(self.neg)}})
+                            extra=self._flag(extra, available))

@@ -258,7 +258,7 @@ class TFUP(StreamStateMixin, Method):
         key_log_probs = (SELECTION_SCALE * keys @ text_used.t()).log_softmax(-1)
         return out + opts.alpha * tfup_cache_logits(feats, keys, values, text_used, key_log_probs, opts.beta)
 
-    def _after_update(self, text: torch.Tensor, opts: TFUPOptions, request: MethodInput) -> None:
+    def _after_update(self, text: torch.Tensor, opts: TFUPOptions) -> None:
         """Hook: TFUP-T trains here."""
 
     def predict(self, request: MethodInput) -> MethodOutput:
@@ -273,22 +273,39 @@ class TFUP(StreamStateMixin, Method):
         if not request.is_default_labels:
             return MethodOutput(probs=zeroshot, zeroshot_probs=zeroshot, image_features=feats[0],
                                 extra={"fallback": f"{self.name} keeps state for the deployment's labels only"})
-        with request.timer.stage("adapt"), self.host.transaction(), torch.no_grad():
+        self._last_text = text
+        with request.timer.stage("adapt"), torch.no_grad():
             self._bind_labels(request.labels.names)
-            self.buffer.offer(int(zs_logits.argmax()), feats[0].cpu())
-            self.requests += 1
-            self._since_rebuild += 1
-            self.host.changed()
-            ready = len(self.buffer) >= self.min_buffer(opts, text.shape[0])
-            if ready and (self._cache is None or self._since_rebuild >= opts.rebuild_every):
-                self.rebuild(text, opts)
-            self._after_update(text, opts, request)
+            trained = getattr(self, "trained_rounds", 0)
+            op = {"kind": "observe", "cls": int(zs_logits.argmax()), "feature": feats[0].detach().float().cpu(),
+                  "opts": self._opts_delta(opts)}
+            available = self.host.commit(op)
             logits = self.logits(feats, text, opts)[0]
             cached = self._cache is not None
+        if getattr(self, "trained_rounds", 0) != trained:
+            request.timer.add("train", self.last_train_ms)  # type: ignore[attr-defined]
         extra: dict[str, Any] = {} if cached else {"fallback": f"{self.name} cache not built yet; zero-shot"}
         if not cached:  # nothing adapted yet (training needs a cache): exactly zero-shot
             logits = zs_logits
-        return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0], extra=extra)
+        return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0],
+                            extra=self._flag(extra, available))
+
+    def _apply_op(self, op: Any) -> None:
+        """One request's feature joins the buffer; the cache is rebuilt (and TFUP-T trained) on schedule."""
+        if op["kind"] != "observe":
+            raise ValueError(f"{self.name} has no operation {op['kind']!r}")
+        opts: TFUPOptions = self._options(op)
+        self.buffer.offer(op["cls"], op["feature"])
+        self.requests += 1
+        self._since_rebuild += 1
+        text = self._deployment_text()
+        if text is None:  # library use before any request bound a classifier: rebuild later
+            return
+        with torch.no_grad():
+            ready = len(self.buffer) >= self.min_buffer(opts, text.shape[0])
+            if ready and (self._cache is None or self._since_rebuild >= opts.rebuild_every):
+                self.rebuild(text, opts)
+            self._after_update(text, opts)
 
 
 def marginal_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -360,13 +377,12 @@ class TFUPT(TFUP):
         mixed = opts.ratio_alpha * self.image_adapter(features) + (1 - opts.ratio_alpha) * features
         return F.normalize(mixed, dim=-1)
 
-    def _after_update(self, text: torch.Tensor, opts: TFUPOptions, request: MethodInput) -> None:
+    def _after_update(self, text: torch.Tensor, opts: TFUPOptions) -> None:
         topts: TFUPTOptions = opts  # type: ignore[assignment]
         self._since_train += 1
         if self._cache is None or topts.train_steps == 0 or self._since_train < topts.train_every:
             return
-        with request.timer.stage("train"):
-            self.train_round(text, topts)
+        self.train_round(text, topts)
 
     def train_round(self, text: torch.Tensor, opts: TFUPTOptions) -> None:
         """One bounded round: warm-up (refined pseudo-labels) first, then the main loss."""

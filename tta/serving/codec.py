@@ -74,6 +74,7 @@ class Predict:
     decode_ms: float = 0.0
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when the request arrived
     deadline_ms: float | None = None  # the request's own (lower) deadline; the deployment's applies anyway
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-case; for checks before `run`
 
 
 @dataclass
@@ -83,6 +84,7 @@ class OipInfer:
     items: list[Predict]
     id: str | None = None
     outputs: list[dict[str, Any]] | None = None  # requested outputs ({"name", "parameters"}); None = all
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def method(self) -> str | None:
@@ -99,7 +101,7 @@ class Action:
     label: str | None = None
     image: torch.Tensor | None = None
     seed: int | None = None
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # the admin credential is checked by `run`
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. credentials for privileged actions
 
 
 @dataclass
@@ -151,29 +153,31 @@ def decode(body: Any, headers: Mapping[str, str] | None = None, limits: Limits =
     """
     started = time.perf_counter()
     method: str | None = None
+    headers = dict(headers or {})
     try:
-        payload = _parse_body(body, headers or {}, limits)
+        payload = _parse_body(body, headers, limits)
         if isinstance(payload, torch.Tensor):
-            return Predict(payload, decode_ms=(time.perf_counter() - started) * 1000.0, started=started)
-        method = _method_hint(payload)
-        header_deadline = (headers or {}).get(DEADLINE_HEADER)
-        if "inputs" in payload:
-            request: Request = decode_oip(payload, limits, started=started)
-        elif "action" in payload:
-            action = payload.get("action")
-            if isinstance(action, str) and action in PRIVILEGED and not (headers or {}).get(ADMIN_HEADER, "").strip():
-                raise missing_credential(action, payload.get("method"), headers or {})  # before decoding it
-            request = decode_action(payload, limits)
-            request.headers = dict(headers or {})
+            request: Request = Predict(payload, decode_ms=(time.perf_counter() - started) * 1000.0, started=started)
         else:
-            request = decode_json(payload, limits, started=started)
+            method = _method_hint(payload)
+            if "inputs" in payload:
+                request = decode_oip(payload, limits, started=started)
+            elif "action" in payload:
+                action = payload.get("action")
+                if isinstance(action, str) and action in PRIVILEGED and not headers.get(ADMIN_HEADER, "").strip():
+                    raise missing_credential(action, payload.get("method"), headers)  # before decoding it
+                request = decode_action(payload, limits)
+            else:
+                request = decode_json(payload, limits, started=started)
+        header_deadline = headers.get(DEADLINE_HEADER)
         if header_deadline is not None and not isinstance(request, Action):
             ms = parse_deadline_ms(header_deadline)
             for item in request.items if isinstance(request, OipInfer) else [request]:
                 item.deadline_ms = ms if item.deadline_ms is None else min(ms, item.deadline_ms)
-        return request
     except BadRequest as exc:
         return failure(exc, method)
+    request.headers = headers
+    return request
 
 
 def _method_hint(payload: Mapping[str, Any]) -> str | None:

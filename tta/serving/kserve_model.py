@@ -25,7 +25,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ from kserve.protocol.infer_type import (
 )
 
 from tta.engine import MAX_TOP_K
-from tta.errors import BadRequest
+from tta.errors import BadRequest, TTAError
 from tta.metrics import ServingMetrics
 from tta.serving import codec
 from tta.serving.batching import MicroBatcher
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 GRPC_STATUS = {400: StatusCode.INVALID_ARGUMENT, 401: StatusCode.UNAUTHENTICATED,
                413: StatusCode.RESOURCE_EXHAUSTED, 503: StatusCode.UNAVAILABLE}
 # Probes and Prometheus scrape without a token, as TorchServe's /ping and metrics port do.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # TorchServe's max_request_size in config.properties
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/|v2/models/[^/]+(/versions/[^/]+)?/ready$|v1/models/[^/:]+$)")
 
 
@@ -96,13 +99,16 @@ class ClipTTAModel(kserve.Model):
 
     def __init__(self, name: str, config: Mapping[str, Any], *, model_version: str = "1.0",
                  model_dir: Path | str = ".", metrics: ServingMetrics | None = None, token: str | None = None,
-                 batch_size: int = 4, max_batch_delay_ms: float = 50.0) -> None:
+                 batch_size: int = 4, max_batch_delay_ms: float = 50.0,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         super().__init__(name)
         self.config = dict(config)
         self.model_version = model_version
         self.model_dir = Path(model_dir)
         self.metrics = metrics
         self.token = token or None
+        self.max_request_bytes = max_request_bytes
+        self.stop_on_load_error = False  # `serve` sets it: a server whose model cannot load exits
         self.service: Service | None = None
         self.load_error: BaseException | None = None
         self._loading: threading.Thread | None = None
@@ -130,10 +136,12 @@ class ClipTTAModel(kserve.Model):
             if self.config.get("warmup", True):
                 warm_up(service)
             start_exporter(self.config, service.metrics)
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - reported, then the server stops (see `serve`)
             self.load_error = exc
-            log.exception("model %s failed to load", self.name)
-            raise
+            log.error("model %s failed to load: %s", self.name, exc)
+            if self.stop_on_load_error:
+                os.kill(os.getpid(), signal.SIGTERM)  # KServe's own shutdown; `serve` reports the error
+            return
         self.service = service
         self.ready = True
         log.info("model %s ready: clip=%s labels=%d default_method=%s", self.name, service.model.clip,
@@ -173,7 +181,7 @@ class ClipTTAModel(kserve.Model):
             raise ModelNotReady(self.name, "loading" if self.load_error is None else f"failed: {self.load_error}")
         loop = asyncio.get_running_loop()
         if isinstance(payload, InferRequest):
-            decoded = await loop.run_in_executor(None, self._decode_infer_request, service, payload)
+            decoded = await loop.run_in_executor(None, self._decode_infer_request, service, payload, headers)
         elif isinstance(payload, RawBody):
             decoded = await loop.run_in_executor(None, service.decode, payload.body, payload.headers)
         else:  # v1: a JSON object (JSON form, state actions, OIP body) or raw image bytes
@@ -192,7 +200,7 @@ class ClipTTAModel(kserve.Model):
         return self.service.run_batch(requests)
 
     @staticmethod
-    def _decode_infer_request(service: Service, request: InferRequest) -> Decoded:
+    def _decode_infer_request(service: Service, request: InferRequest, headers: dict[str, str]) -> Decoded:
         """KServe's parsed InferRequest (gRPC) -> the OIP JSON shape the codec decodes."""
         try:
             inputs = []
@@ -210,7 +218,7 @@ class ClipTTAModel(kserve.Model):
         body: dict[str, Any] = {"id": request.id, "inputs": inputs, "parameters": params}
         if outputs:
             body["outputs"] = outputs
-        return service.decode(body)
+        return service.decode(body, headers)
 
     def _infer_response(self, reply: Reply, request: OipInfer, payload: InferRequest | RawBody) -> InferResponse:
         outputs = [InferOutput(o["name"], o["shape"], o["datatype"], data=o["data"]) for o in reply.body["outputs"]]
@@ -265,7 +273,8 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
         if not await dataplane.model_ready(model_name, True):
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
-        response, response_headers = await dataplane.infer(model_name, RawBody(await request.body(), headers), headers)
+        body = await read_capped(request, model.max_request_bytes)
+        response, response_headers = await dataplane.infer(model_name, RawBody(body, headers), headers)
         body, encoded_headers = dataplane.encode(model_name, response, headers, {})
         response_headers.update(encoded_headers)
         if isinstance(body, bytes):
@@ -280,7 +289,11 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
             meta.update(platform="clip-tta", versions=[registered.model_version], parameters=registered.describe())
         return meta
 
-    async def require_token(request: Request, call_next: Any) -> Response:
+    async def guard(request: Request, call_next: Any) -> Response:
+        """Refuse over-long bodies (413) and, with a token configured, unauthenticated calls (401)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > model.max_request_bytes:
+            return await serving_error(request, ServingError(too_large(model.max_request_bytes)))
         if model.token and not OPEN_PATHS.match(request.url.path):
             if not token_matches(request.headers.get("authorization"), model.token):
                 return await serving_error(request, ServingError(Failure(401, "unauthorized",
@@ -290,15 +303,36 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
     app.add_exception_handler(ServingError, serving_error)
     app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"], response_model=None)
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"], response_model=None)
-    app.middleware("http")(require_token)
+    app.middleware("http")(guard)
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked bodies carry no length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ServingError(too_large(limit))
+    return bytes(body)
+
+
+def too_large(limit: int) -> Failure:
+    return Failure(413, "request_too_large", f"request body over {limit} bytes")
 
 
 def serve(model: ClipTTAModel, http_port: int, grpc_port: int, grpc: bool = True) -> None:
-    """Register the model (not yet ready), start loading it, serve until SIGINT/SIGTERM."""
+    """Register the model (not yet ready), start loading it, serve until SIGINT/SIGTERM.
+
+    A model that cannot load (no weights offline, bad labels file) stops the server and raises
+    `TTAError`, so the process exits non-zero instead of staying live but never ready.
+    """
     from kserve import model_server
 
     server = kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=grpc, workers=1)
     install(model_server.app, server.dataplane, model)
     server.register_model(model)
+    model.stop_on_load_error = True
     model.load()
     server.start([])
+    if model.load_error is not None:
+        raise TTAError(f"model {model.name} failed to load: {model.load_error}") from model.load_error

@@ -262,7 +262,10 @@ class Service:
             engine.import_state(method, request.state or {})
             return {**base, "imported": True, "state": engine.state_summary(method)}
         assert request.image is not None and request.label is not None  # decode_action guarantees both
-        return {**base, "feedback": engine.feedback(request.image, request.label, method, seed=request.seed)}
+        reply = engine.feedback(request.image, request.label, method, seed=request.seed)
+        if reply.get("fallback"):  # answered from the last known state (Redis away): counted like predictions
+            self.metrics.observe_fallback(self.model.name, method, reply["fallback"])
+        return {**base, "feedback": reply}
 
 
 def _items(request: Decoded) -> list[Predict]:
@@ -319,12 +322,21 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:
-    """Stream-method state: namespaced by the served model; directory/sync from config or env."""
+    """Stream-method state: namespaced by the served model; backend from the archive config or env.
+
+    TTA_STATE_URL wins over the archive's state_url (a deployment supplies its Redis, e.g. from a
+    Secret); the URL is only ever logged masked.
+    """
     changes: dict[str, Any] = {"deployment": model_name}
-    for key, name in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every")):
+    for key, name in (("state_dir", "directory"), ("state_sync", "sync"), ("state_every", "every"),
+                      ("state_url", "url"), ("state_timeout_ms", "timeout_ms")):
         if config.get(key) not in (None, ""):
             changes[name] = config[key]
+    if os.environ.get("TTA_STATE_URL"):
+        changes["url"] = os.environ["TTA_STATE_URL"]
     tta_state.configure(**changes)
+    state = tta_state.current_config()
+    log.info("stream state: %s backend%s", state.backend, f" at {tta_state.mask_url(state.url)}" if state.url else "")
 
 
 def start_exporter(config: Mapping[str, Any], metrics: ServingMetrics) -> Exporter | None:

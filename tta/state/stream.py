@@ -1,0 +1,156 @@
+"""Plumbing shared by the stream methods (TDA, TFUP, GDA): a `Method` as a state owner.
+
+A method mixes this in before `Method` and implements `_apply_op` (its operations), plus
+`_export_state`, `_import_state`, `_clear_state` and `_summary`. Requests build an operation and
+`self.host.commit(op)` it; the host applies it (after every earlier operation of every replica)
+through `apply`. State belongs to the deployment's label set: a snapshot or import is checked
+against the method name, state version, feature size, model and labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tta.state.host import StateHost, open_host
+from tta.state.snapshot import check_meta
+
+STATE_UNAVAILABLE = "state_unavailable"
+
+
+class StreamStateMixin:
+    """Owner protocol (`apply`/`snapshot`/`restore`) and the state actions for a stream `Method`."""
+
+    state_version: int = 1
+    name: str
+    clip: Any
+    defaults: Any
+
+    def _init_stream(self) -> None:
+        self._names: tuple[str, ...] | None = None
+        self._host: StateHost | None = None
+        self._text_provider: Callable[[], torch.Tensor] | None = None
+        self._last_text: torch.Tensor | None = None
+
+    @property
+    def host(self) -> StateHost:
+        """Opened on first use (after the engine bound the deployment's labels), restoring the state."""
+        if self._host is None:
+            self._host = open_host(self.name, self)
+            self._host.start()
+        return self._host
+
+    def bind_deployment(self, names: Sequence[str], text: Callable[[], torch.Tensor]) -> None:
+        """The deployment's labels and its text classifier (operations from other replicas need it)."""
+        self._names = tuple(names)
+        self._text_provider = text
+
+    # --- to implement ---
+    def _apply_op(self, op: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _export_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _import_state(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _clear_state(self) -> None:
+        raise NotImplementedError
+
+    def _summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- owner protocol (called by the host, in log order) ---
+    def apply(self, op: Mapping[str, Any]) -> None:
+        self._apply_op(op)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._export_with_meta()
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        if state is None:
+            self._clear_state()
+        else:
+            self._import_checked(state)
+
+    # --- helpers for the methods ---
+    def _deployment_text(self) -> torch.Tensor | None:
+        """Text features of the deployment's labels, for refits/rebuilds inside `apply`."""
+        if self._text_provider is not None:
+            return self._text_provider()
+        return self._last_text
+
+    def _opts_delta(self, opts: Any) -> dict[str, Any]:
+        """Request options that differ from the deployment's (carried by an operation, as JSON)."""
+        base = self.defaults.to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.to_dict().items() if v != base.get(k)}
+
+    def _options(self, op: Mapping[str, Any]) -> Any:
+        """The request options an operation was made with (they shape the state change)."""
+        return self.defaults.from_dict(op.get("opts") or None, base=self.defaults)
+
+    @staticmethod
+    def _flag(extra: dict[str, Any], available: bool) -> dict[str, Any]:
+        """Mark an answer made from the last known state because the state backend was unreachable."""
+        if not available:
+            extra["fallback"] = STATE_UNAVAILABLE
+        return extra
+
+    def _meta(self) -> dict[str, Any]:
+        return {"method": self.name, "state_version": self.state_version, "embed_dim": int(self.clip.embed_dim),
+                "model": str(self.clip.name), "labels": list(self._names) if self._names is not None else None}
+
+    def _export_with_meta(self) -> dict[str, Any]:
+        return {"meta": self._meta(), **self._export_state()}
+
+    def _import_checked(self, state: Mapping[str, Any]) -> None:
+        expected = {"method": self.name, "state_version": self.state_version,
+                    "embed_dim": int(self.clip.embed_dim), "model": str(self.clip.name),
+                    "labels": self._names}
+        check_meta(state, expected)
+        labels = state["meta"].get("labels")
+        self._clear_state()
+        self._import_state(state)
+        self._names = tuple(labels) if labels else self._names
+
+    def _bind_labels(self, names: tuple[str, ...]) -> None:
+        """First request fixes the label set (library use; the engine binds it up front)."""
+        if self._names is None:
+            self._names = tuple(names)
+        elif self._names != tuple(names):
+            self.host._warn(f"stream state was built for labels {list(self._names)[:5]}..., the deployment "
+                            f"serves {list(names)[:5]}...; starting empty")
+            self._names = tuple(names)
+            self.host.reset()
+
+    # --- state actions ---
+    def reset(self) -> None:
+        self.host.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current state, after catching up with the log; file backends also snapshot it."""
+        self.host.sync()
+        self.host.flush()
+        return self._export_with_meta()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from tta.errors import BadRequest
+
+        if not isinstance(state, Mapping):
+            raise BadRequest("state must be a JSON object exported by the same method", code="bad_state")
+        scratch = type(self)(self.clip, self.defaults)  # validate on a copy: a bad import changes nothing
+        scratch._names = self._names
+        try:
+            scratch._import_checked(state)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            raise BadRequest(f"cannot import {self.name} state: {exc}", code="bad_state") from exc
+        self.host.load(scratch._export_with_meta())
+
+    def state_summary(self) -> dict[str, Any]:
+        available = self.host.sync()
+        out = self._summary()
+        out["persistence"] = self.host.describe()
+        return self._flag(out, available)
