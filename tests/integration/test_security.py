@@ -251,3 +251,42 @@ def test_no_key_appears_in_any_log(server: TorchServe, photos: dict[str, bytes])
         for secret in secrets:
             assert secret not in text, f"a credential appears in {path.relative_to(server.workdir)}"
     assert scanned >= 2
+
+
+def test_a_redis_password_never_reaches_logs_or_answers(tmp_path: Path, caplog) -> None:
+    """The stream state behind an unreachable Redis with a password in its URL: every log line of
+    building the worker, answering stream requests and state actions, and every answer, is free
+    of the password (URLs are logged masked)."""
+    import logging
+
+    from tta.serving.admin import AdminAuth
+    from tta.serving.service import build_service
+    from tta.state import config as state_config
+
+    password = "redis-pw-0123456789"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    url = f"redis://:{password}@127.0.0.1:{free_port()}/0"
+    caplog.set_level(logging.DEBUG)
+    previous = state_config.current_config()
+    try:
+        service = build_service({"labels_file": "labels.txt", "model": "tiny-random", "state_url": url,
+                                 "state_timeout_ms": 100}, model_name="m", model_dir=tmp_path,
+                                admin=AdminAuth(token="t"))
+        image = base64.b64encode(_png()).decode()
+        bodies = [{"image": image, "method": "tda"}, {"action": "state", "method": "tda"},
+                  {"action": "export", "method": "tda"}, {"action": "reset", "method": "tda"}]
+        answers = [service.handle(json.dumps(b).encode(), {"content-type": "application/json",
+                                                           "x-tta-admin-token": "t"}) for b in bodies]
+    finally:
+        state_config.configure(previous)
+    assert all(a.status < 500 or a.status == 503 for a in answers), [(a.status, a.body) for a in answers]
+    assert not any(password in a.text() for a in answers)
+    assert "127.0.0.1" in caplog.text, "the backend was never logged: the check would prove nothing"
+    assert password not in caplog.text
+
+
+def _png() -> bytes:
+    from tta.testing.hostile import encode, photo
+
+    return encode(photo(32), "PNG")
