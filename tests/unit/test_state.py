@@ -282,3 +282,18 @@ def test_transaction_api_still_works_on_the_file_backend(tmp_path: Path) -> None
     for i in range(5):
         first.add(i)
     assert Legacy().items == [0, 1, 2, 3] and first.host.mode == "file"
+
+
+def test_archive_refuses_a_state_url_with_a_password_and_other_schemes() -> None:
+    import argparse
+
+    from tta.commands.archive import _validate, add_arguments
+    from tta.errors import TTAError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert _validate(parser.parse_args(["--state-url", "redis://redis:6379/0"])) == {}
+    for url, message in (("redis://:s3cret@redis:6379/0", "TTA_STATE_PASSWORD"), ("http://redis", "redis://")):
+        with pytest.raises(TTAError, match=message) as err:
+            _validate(parser.parse_args(["--state-url", url]))
+        assert "s3cret" not in str(err.value)

@@ -242,7 +242,11 @@ class RedisHost(StateHost):
             self._warn(f"skipped log entry {entry_id}: {exc}")
             op = None
         if op is not None:
-            self._apply(op)
+            try:
+                self._apply(op)
+            except Exception as exc:  # noqa: BLE001 - the same code fails the same op on every replica: skip it
+                log.exception("%s: log entry %s failed to apply; skipped", self.name, entry_id)
+                self._warn(f"log entry {entry_id} failed to apply ({type(exc).__name__}); skipped")
         self.last_id = entry_id
         self._since_snapshot += 1
 
