@@ -2,7 +2,7 @@
 MODEL ?= ViT-B-16:openai
 NAME ?= clip
 
-.PHONY: serve archive test-serving k8s image monitoring drift-dashboard
+.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak
 
 serve:  ## install, build the archive, run TorchServe in the foreground (MODEL=tiny-random offline)
 	MODEL=$(MODEL) NAME=$(NAME) bash scripts/serve.sh
@@ -25,3 +25,6 @@ monitoring:  ## regenerate Prometheus rules, PrometheusRule and Grafana dashboar
 drift-dashboard:  ## live TorchServe + Prometheus run; draws docs/img/drift-dashboard.png from its data
 	mkdir -p docs/img
 	TTA_DRIFT_PICTURE=$(CURDIR)/docs/img/drift-dashboard.png .venv/bin/pytest -q tests/integration/test_monitoring_live.py
+
+soak:  ## bounded mixed load (3,000 requests, hostile inputs included) on 127.0.0.1; writes bench/results/soak.json
+	.venv/bin/python -m bench.soak --requests $(or $(REQUESTS),3000) --concurrency $(or $(CONCURRENCY),8) --max-seconds $(or $(SECONDS_MAX),900)

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from tta.models import resolve_device  # noqa: E402
+from tta.serving.admin import AdminAuth, torchserve_key_file  # noqa: E402
 from tta.serving.codec import PHRASES  # noqa: E402
 from tta.serving.service import Reply, build_service, start_exporter, warm_up  # noqa: E402
 
@@ -55,6 +56,8 @@ class ClipTTAHandler(BaseHandler):
         self.service = build_service(
             config, model_name=str(context.model_name), model_version=str(manifest_model.get("modelVersion", "1.0")),
             model_dir=Path(properties.get("model_dir") or "."), device=device,
+            response_timeout_s=(getattr(context, "model_yaml_config", None) or {}).get("responseTimeout"),
+            admin=AdminAuth.from_config(config, key_file=torchserve_key_file()),  # the management key
         )
         self.engine, self.metrics = self.service.engine, self.service.metrics
         self.exporter = start_exporter(config, self.metrics)
@@ -77,6 +80,8 @@ class ClipTTAHandler(BaseHandler):
 
 def _answer(context: Any, idx: int, reply: Reply) -> str:
     context.set_response_content_type(idx, "application/json")
+    for name, value in reply.headers.items():
+        context.set_response_header(idx, name, value)
     if not reply.ok:
         context.set_response_status(reply.status, PHRASES.get(reply.status, "Error"), idx)
         log.info("request %s -> %d", context.get_request_id(idx), reply.status)

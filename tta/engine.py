@@ -7,6 +7,7 @@ by decoding requests and calling `Engine.predict`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,10 +17,12 @@ from typing import Any
 
 import torch
 
+from tta.admission import Budget, estimate
 from tta.drift import DriftConfig, DriftMonitor, DriftSignals
-from tta.errors import BadRequest
+from tta.errors import BadRequest, Unavailable
+from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
 from tta.features import encode_images, precomputed_features
-from tta.methods.base import Method, MethodInput, get_method_class, list_methods
+from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
 from tta.models import ClipModel
 from tta.text import LabelSet, TextFeatureCache
 from tta.timing import StageTimer
@@ -27,6 +30,9 @@ from tta.timing import StageTimer
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
+# zero-shot is the fallback itself; `auto` stops escalating at the deadline and says so ("stopped_by")
+MANAGES_OWN_DEADLINE = frozenset({"zeroshot", "auto"})
+MAX_OOM_RETRIES = 2  # out of memory: retry with half the views, twice, then answer zero-shot
 
 
 @dataclass
@@ -109,9 +115,11 @@ class Engine:
         max_labels: int = 1000,
         seed: int = 0,
         drift: DriftConfig | None = None,
+        budget: Budget | None = None,
         max_batch_images: int = 256,
     ) -> None:
         self.clip = clip
+        self.budget = budget  # None: no cost admission (library use); servers always pass one
         self.max_batch_images = max_batch_images  # images per shared encoder pass in predict_batch
         self.labels = labels
         self.max_labels = max_labels
@@ -164,7 +172,12 @@ class Engine:
         seed: int | None = None,
         deadline: float | None = None,
     ) -> Prediction:
-        """Classify one decoded image (uint8 [3, H, W]) with `method`, adapting as it does."""
+        """Classify one decoded image (uint8 [3, H, W]) with `method`, adapting as it does.
+
+        `deadline` (absolute `time.monotonic()`): past it, multi-view methods stop adapting and
+        the answer is zero-shot, flagged ``"fallback": "deadline"``. With a `budget`, a request
+        whose estimated cost exceeds it is refused before any work (`BadRequest` over_budget).
+        """
         start = time.perf_counter()
         job = self._prepare(PredictRequest(image, method, options, labels, top_k, seed, deadline), start)
         with self._lock:  # one request at a time per worker: methods share prompts and caches
@@ -217,6 +230,7 @@ class Engine:
         if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise BadRequest("image must be a uint8 RGB tensor [3, H, W]", code="not_an_image")
         label_set = self.resolve_labels(request.labels)
+        self.admit(opts, label_set)
         seed = self.seed if request.seed is None else int(request.seed)
         return _Job(name=name, impl=impl, options=opts, labels=label_set, top_k=top_k, seed=seed,
                     image=image, deadline=request.deadline, start=start, timer=StageTimer(self.clip.device))
@@ -232,12 +246,7 @@ class Engine:
         )
 
     def _finish(self, job: _Job) -> Prediction:
-        request = self._input(job)
-        if job.shared is not None:
-            with precomputed_features([job.shared]):
-                output = job.impl.predict(request)
-        else:
-            output = job.impl.predict(request)
+        output = self._run(job.impl, self._input(job), job.seed, job.shared)
         job.timer.add("total", (time.perf_counter() - job.start) * 1000.0)
         prediction = self._to_prediction(job.name, job.labels, output, job.top_k, job.timer)
         if job.batch is not None:
@@ -305,6 +314,70 @@ class Engine:
         except Exception:
             log.exception("drift monitoring failed for one request; the answer is unaffected")
 
+    def admit(self, options: Any, labels: LabelSet) -> float:
+        """Estimated cost units of a request (0 without a budget); `BadRequest` over the budget."""
+        if self.budget is None:
+            return 0.0
+        new_prompts = 0
+        if not self.text_cache.contains(self.clip, labels):
+            new_prompts = sum(len(labels.prompts_for(i)) for i in range(len(labels)))
+        return self.budget.admit(estimate(options, len(labels), new_prompts))
+
+    def _run(self, impl: Method, request: MethodInput, seed: int,
+             shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> MethodOutput:
+        """`impl.predict` with the fallbacks: deadline / numerical fault -> zero-shot; out of memory
+        -> the same request with half the views (twice), then zero-shot. Never a non-finite score.
+        `shared`: (views, features) a batch already encoded for this request (predict_batch)."""
+        retries = 0
+        while True:
+            try:
+                if impl.name not in MANAGES_OWN_DEADLINE and deadline_passed(request.deadline):
+                    raise ZeroShotFallback(DEADLINE, "deadline passed before the method started")
+                if shared is not None:
+                    with precomputed_features([shared]):
+                        output = impl.predict(request)
+                else:
+                    output = impl.predict(request)
+            except ZeroShotFallback as fb:
+                log.info("%s falls back to zero-shot (%s): %s", impl.name, fb.reason, fb.detail)
+                return self._zeroshot_fallback(request, fb.reason, fb.detail)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release_memory(self.clip.device)
+                smaller = fewer_views(request.options)
+                if smaller is None or retries >= MAX_OOM_RETRIES:
+                    log.warning("%s ran out of memory (%d retries); zero-shot answer: %s", impl.name, retries, exc)
+                    return self._zeroshot_fallback(request, OOM, f"out of memory after {retries} retries")
+                retries += 1
+                shared = None  # the batch's features were for the full view count
+                log.warning("%s ran out of memory; retrying with n_views=%s", impl.name,
+                            getattr(smaller, "n_views", None))
+                request = dataclasses.replace(request, options=smaller,
+                                              generator=torch.Generator().manual_seed(seed))
+                continue
+            if retries:
+                output.extra.update(oom_retries=retries, n_views=getattr(request.options, "n_views", None))
+            if not (bool(torch.isfinite(output.probs).all()) and bool(torch.isfinite(output.zeroshot_probs).all())):
+                log.warning("%s produced non-finite scores; zero-shot answer", impl.name)
+                return self._zeroshot_fallback(request, NUMERICAL, "non-finite scores")
+            return output
+
+    def _zeroshot_fallback(self, request: MethodInput, reason: str, detail: str) -> MethodOutput:
+        """Plain CLIP on the original image: the answer every fallback guarantees."""
+        zeroshot = self.method("zeroshot")
+        try:
+            output = zeroshot.predict(dataclasses.replace(request, options=zeroshot.defaults, deadline=None))
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                release_memory(self.clip.device)
+                raise Unavailable("out of memory even for a zero-shot answer; retry later") from exc
+            raise
+        if not bool(torch.isfinite(output.probs).all()):
+            raise Unavailable("the model produced non-finite scores for this image")
+        output.extra.update(fallback=reason, fallback_detail=detail)
+        return output
+
     # --- stream-state operations (inspect / reset / export / import / feedback) ----------------
     def state_owner(self, name: str) -> Method | DriftMonitor:
         """A method, or the drift reference (`drift`): both answer the state actions."""
@@ -356,3 +429,21 @@ class Engine:
             zeroshot_label=labels.names[zs_best], probs=probs, zeroshot_probs=zs,
             image_features=feats, extra=dict(output.extra),
         )
+
+
+def fewer_views(options: Any) -> Any | None:
+    """`options` with half the views (and generated views), or None when there is nothing to halve."""
+    n_views = getattr(options, "n_views", None)
+    n_generated = getattr(options, "n_generated", None)
+    changes: dict[str, int] = {}
+    if isinstance(n_views, int) and n_views > 1:
+        changes["n_views"] = n_views // 2
+    if isinstance(n_generated, int) and n_generated > 1:
+        changes["n_generated"] = n_generated // 2
+    return dataclasses.replace(options, **changes) if changes else None
+
+
+def release_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error so the retry can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tta.errors import BadRequest
 
@@ -49,7 +49,15 @@ def decode_image(
         raise BadRequest("body is not a decodable image (JPEG, PNG, WebP, ...)", code="not_an_image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadRequest(f"image is truncated or corrupt: {exc}", code="corrupt_image") from exc
-    return pil_to_tensor(image)
+    return pil_to_tensor(upright(image))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phones store the rotation there, not in the pixels)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+        return image
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -59,7 +59,7 @@ OUTCOMES: tuple[str, ...] = ("ok", "client_error", "server_error", "fallback")
 # free text in the response's "fallback" field, the metric maps anything unknown to "other".
 FALLBACK_REASONS: tuple[str, ...] = (
     "deadline", "state_unavailable", "numerical", "over_budget", "generator_unavailable", "generation_disabled",
-    "other",
+    "oom", "other",
 )
 _FALLBACK_ALIASES = {"deadline_exceeded": "deadline"}
 UNKNOWN_METHOD = "__unknown__"  # method label of requests that named a method the server does not have

@@ -193,5 +193,10 @@ class TextFeatureCache:
                 self._entries.popitem(last=False)
         return feats
 
+    def contains(self, clip: ClipModel, labels: LabelSet) -> bool:
+        """Whether `get` would be a cache hit (admission prices a miss)."""
+        with self._lock:
+            return (id(clip.model), str(clip.device), labels) in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 MAX_SIDE_FACTOR = 4  # images are first downscaled so their short side is at most 4x the model size
+MAX_ASPECT = 8  # longer strips are center-cropped first: a 1 x 40,000 image would otherwise resize to 224 x 9e6
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,26 @@ def limit_resolution(image: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(image, [MAX_SIDE_FACTOR * size], antialias=True)
 
 
+def limit_aspect(image: torch.Tensor, max_aspect: int = MAX_ASPECT) -> torch.Tensor:
+    """Center-crop the long side of extreme strips to `max_aspect` x the short side.
+
+    Resizing the short side to the model size scales the long side by the same factor, so a
+    tiny-file 1 x 40,000 upload would allocate gigabytes. The center crop every view is taken
+    from is far inside the kept strip; images up to `max_aspect`:1 are untouched.
+    """
+    h, w = image.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    if long <= max_aspect * short:
+        return image
+    keep = max_aspect * short
+    if h > w:
+        return TF.center_crop(image, [keep, w])
+    return TF.center_crop(image, [h, keep])
+
+
 def base_view(image: torch.Tensor, size: int) -> torch.Tensor:
     """CLIP's eval preprocessing on a uint8 [3, H, W] tensor: bicubic resize + center crop -> float [0, 1]."""
-    x = TF.resize(image, [size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    x = TF.resize(limit_aspect(image), [size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     x = TF.center_crop(x, [size, size])
     return x.float().div_(255.0).clamp_(0.0, 1.0)
 
@@ -100,7 +118,7 @@ def make_views(
     """uint8 [3, H, W] -> normalised float [n_views, 3, size, size]; view 0 is the original."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = torch.device(device) if device is not None else image.device
-    image = image.to(device)
+    image = limit_aspect(image.to(device))
     original = base_view(image, size)  # exact CLIP preprocessing of the full-resolution upload
     image = limit_resolution(image, size)
     n_aug = spec.n_views - 1

@@ -26,6 +26,7 @@ class KServe:
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(16))  # privileged state actions
     process: subprocess.Popen | None = None
 
     @property
@@ -35,6 +36,11 @@ class KServe:
     @property
     def auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}  # gRPC metadata keys must be lower-case
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers of a privileged state action (reset/import/export/feedback; tta.serving.admin)."""
+        return {**self.auth, "x-tta-admin-token": self.admin_token}
 
     @property
     def log(self) -> Path:
@@ -51,7 +57,7 @@ class KServe:
                "--labels-file", str(labels_file), "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), "--token-file", str(token_file), *extra]
         env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "TTA_METRICS_PORT")}
-        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="")
+        env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="", TTA_ADMIN_TOKEN=self.admin_token)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)

@@ -220,7 +220,7 @@ def test_v1_json_form_state_actions_and_metrics(kserve: KServe, photos: dict[str
         return sum(sample_values(text, "tta_requests_total", {"model": MODEL, "method": "tda", "outcome": outcome}))
 
     ok_before, bad_before = count("ok"), count("client_error")
-    assert requests.post(predict, json={"action": "reset", "method": "tda"}, headers=kserve.auth, timeout=60).ok
+    assert requests.post(predict, json={"action": "reset", "method": "tda"}, headers=kserve.admin, timeout=60).ok
     for name in ("chelsea", "rocket"):
         reply = requests.post(predict, json={"image": b64(photos[name]), "method": "tda"}, headers=kserve.auth,
                               timeout=60)

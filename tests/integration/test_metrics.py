@@ -140,7 +140,7 @@ def test_multiprocess_exporter_merges_workers(tmp_path) -> None:
 
 def test_stream_state_size_is_exported(server: TorchServe, photos: dict[str, bytes]) -> None:
     tta_url = f"http://127.0.0.1:{server.tta_metrics_port}/metrics"
-    post = lambda body: requests.post(server.predict_url, json=body, headers=server.auth, timeout=60)  # noqa: E731
+    post = lambda body: requests.post(server.predict_url, json=body, headers=server.admin, timeout=60)  # noqa: E731
     assert post({"action": "reset", "method": "tda"}).status_code == 200
     assert total(scrape(tta_url), "tta_stream_state_entries", model=MODEL, method="tda") == 0
     for name in ("chelsea", "coffee", "rocket"):

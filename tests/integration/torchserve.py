@@ -68,6 +68,12 @@ class TorchServe:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys['inference']}"}
 
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers of a privileged state action (reset/import/export/feedback): the inference key
+        for the frontend plus the management key as the admin credential (tta.serving.admin)."""
+        return {**self.auth, "X-TTA-Admin-Token": self.keys["management"]}
+
     def env(self) -> dict[str, str]:
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)

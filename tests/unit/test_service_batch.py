@@ -7,6 +7,7 @@ import pytest
 
 from tta.engine import Engine
 from tta.metrics import ServingMetrics
+from tta.serving.admin import AdminAuth
 from tta.serving.codec import Action, Failure, ModelInfo, OipInfer, Predict
 from tta.serving.service import Service
 from tta.text import LabelSet
@@ -16,7 +17,7 @@ LABELS = ["cat", "dog", "car", "rocket", "cup"]
 
 def _service(clip) -> Service:
     engine = Engine(clip, LabelSet.create(LABELS), default_method="tda")
-    return Service(engine, ServingMetrics(), ModelInfo("m", "1.0", "tiny-random"))
+    return Service(engine, ServingMetrics(), ModelInfo("m", "1.0", "tiny-random"), admin=AdminAuth(token="t"))
 
 
 def _requests(images):
@@ -24,7 +25,7 @@ def _requests(images):
     return [
         Predict(chelsea, seed=1),
         Predict(coffee, method="zeroshot"),
-        Action("reset", "tda"),  # must see the first request's update, and clear it for the third
+        Action("reset", "tda", headers={"x-tta-admin-token": "t"}),  # must see the first request's update, and clear it for the third
         Predict(rocket, seed=2),
         OipInfer([Predict(coffee, method="zeroshot"), Predict(chelsea, method="zeroshot", top_k=2)]),
         Predict(rocket, method="zeroshot", options={"nope": 1}),

@@ -50,7 +50,8 @@ def test_raw_json_and_oip_forms_decode_to_the_same_image(png: bytes, sample_imag
     ({"image": "AAAA", "extra": 1}, {}, 400, "unknown_field"),
     ({"image": "AAAA", "seed": True}, {}, 400, "not_an_image"),  # the image fails first
     ({"action": "explode"}, {}, 400, "unknown_action"),
-    ({"action": "import", "method": "tda", "state": 3}, {}, 400, "bad_state"),
+    ({"action": "import", "method": "tda", "state": 3}, {"x-tta-admin-token": "t"}, 400, "bad_state"),
+    ({"action": "import", "method": "tda", "state": 3}, {}, 401, "unauthorized"),  # checked before decoding
     ({"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}, {}, 400, "bad_json"),
     ({"inputs": [{"name": "image", "datatype": "BYTES", "data": ["AAAA"]}], "outputs": [{"name": "nope"}]}, {},
      400, "bad_json"),

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from tta.admission import remaining_ms
 from tta.errors import BadRequest, ModelUnavailable
+from tta.faults import check_deadline
 from tta.features import encode_images
 from tta.generation import (
     DEFAULT_PIPELINE,
@@ -199,10 +201,14 @@ class DiffTPT(Method):
                            f"estimated {estimate:.0f} ms for {n} views > budget {opts.time_budget_ms:.0f} ms")
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=request.generator))
         start = time.perf_counter()
+        budget_s = opts.time_budget_ms / 1000.0
+        left_ms = remaining_ms(request.deadline)
+        if left_ms is not None:  # the request's deadline also bounds generation (its own clock)
+            budget_s = min(budget_s, max(left_ms, 0.0) / 1000.0)
         try:
             images = gen.generate(request.image, n, seed=seed, steps=opts.diffusion_steps,
                                   guidance_scale=opts.guidance_scale, out_size=self.clip.image_size,
-                                  deadline=start + opts.time_budget_ms / 1000.0)
+                                  deadline=start + budget_s)
         except GenerationBudgetExceeded as exc:
             raise Fallback(FALLBACK_DEADLINE,
                            f"generation stopped at its {opts.time_budget_ms:.0f} ms deadline") from exc
@@ -219,6 +225,7 @@ class DiffTPT(Method):
             views = make_views(request.image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
                                generator=request.generator, device=clip.device)
+        check_deadline(request.deadline, "generation")
         with timer.stage("generate"):
             try:
                 generated = self._generate(request, opts)
@@ -226,8 +233,10 @@ class DiffTPT(Method):
                 extra["generated_views"] = int(generated.shape[0])
             except Fallback as fb:
                 extra.update(fallback=fb.reason, fallback_detail=fb.detail, generated_views=0)
+        check_deadline(request.deadline, "encoding")
         with timer.stage("encode"):
             feats = encode_images(clip, views)
+        check_deadline(request.deadline, "adaptation")
         learner = self.prompts.get(self, request.labels, opts.n_ctx, opts.ctx_init)
         scale = clip.logit_scale
         with learner.episode():
@@ -236,7 +245,8 @@ class DiffTPT(Method):
                     initial = scale * feats @ learner.text_features().t()
                 selected = select_views(initial, opts.selection_cosine, opts.selection_p)
                 with torch.enable_grad():  # selection_p 1.0: tune_prompt keeps every selected view
-                    tune_prompt(learner, feats[selected], scale, 1.0, opts.lr, opts.steps, opts.weight_decay)
+                    tune_prompt(learner, feats[selected], scale, 1.0, opts.lr, opts.steps, opts.weight_decay,
+                                deadline=request.deadline)
             with timer.stage("predict"), torch.no_grad():
                 probs = (scale * feats[:1] @ learner.text_features().t()).softmax(-1)[0]
         zeroshot = (scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]

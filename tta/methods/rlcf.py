@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tta.errors import BadRequest
+from tta.faults import check_deadline, check_step
 from tta.features import encode_images
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tpt import PromptCache
@@ -200,8 +201,10 @@ class RLCF(Method):
             views = make_views(request.image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
                                generator=request.generator, device=clip.device)
+        check_deadline(request.deadline, "encoding")
         with timer.stage("encode"):
             feats = encode_images(clip, views)
+        check_deadline(request.deadline, "the reward model")
         if opts.variant == "prompt":
             probs = self._adapt_prompt(request, opts, views, feats)
         else:
@@ -221,12 +224,15 @@ class RLCF(Method):
                 scores = self.reward_scores(views[selected], request.labels, opts.clipscore_weight)
             with timer.stage("adapt"), torch.enable_grad():
                 optimizer = torch.optim.AdamW([learner.ctx], lr=opts.learning_rate, weight_decay=opts.weight_decay)
-                for _ in range(opts.steps):
+                first_loss: float | None = None
+                for step in range(opts.steps):
+                    check_deadline(request.deadline, f"adaptation step {step}")
                     logits = scale * feats[selected] @ learner.text_features().t()
                     loss = rlcf_loss(logits, scores, opts.sample_k, opts.reward_baseline)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    first_loss = check_step(loss, [learner.ctx], first_loss, step)
             with timer.stage("predict"), torch.no_grad():
                 return (scale * feats[:1] @ learner.text_features().t()).softmax(-1)[0]
 
@@ -243,12 +249,15 @@ class RLCF(Method):
         with restored(trainable_image_params(clip, opts.image_params)) as params:
             with timer.stage("adapt"), torch.enable_grad():
                 optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
-                for _ in range(opts.steps):
+                first_loss: float | None = None
+                for step in range(opts.steps):
+                    check_deadline(request.deadline, f"adaptation step {step}")
                     image_feats = F.normalize(clip.model.encode_image(chosen).float(), dim=-1)
                     loss = rlcf_loss(scale * image_feats @ text.t(), scores, opts.sample_k, opts.reward_baseline)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    first_loss = check_step(loss, params, first_loss, step)
             with timer.stage("predict"), torch.no_grad():
                 # the adapted weights live in the eager model: never the exported (frozen) ONNX encoder
                 adapted = F.normalize(clip.model.encode_image(views[:1]).float(), dim=-1)

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from tta.faults import check_deadline, check_step
 from tta.features import encode_images
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.prompts import DEFAULT_CTX_INIT, PromptLearner
@@ -154,10 +155,13 @@ def tune_prompt(
     *,
     chunk_size: int | None = None,
     precision: str = "fp32",
+    deadline: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """TPT's update on precomputed view features; mutates `learner.ctx` (callers restore it).
 
     Returns the initial logits of all views, the selected indices and the loss before each step.
+    Raises `ZeroShotFallback` past `deadline` (checked before every step after the first) and on
+    a non-finite or diverging step.
     """
     device = image_features.device
     chunk = resolve_chunk(chunk_size, len(learner))
@@ -167,7 +171,10 @@ def tune_prompt(
     selected: torch.Tensor | None = None
     initial_logits: torch.Tensor | None = None
     losses = []
+    first_loss: float | None = None
     for step in range(steps):
+        if step > 0:
+            check_deadline(deadline, f"adaptation step {step}")
         optimizer.zero_grad(set_to_none=True)
         cached = step == 0 and learner.at_initial_context()
         if not cached and chunk >= len(learner):  # one pass with grad: no separate no-grad forward
@@ -198,6 +205,7 @@ def tune_prompt(
             losses.append(loss.detach())
             continue
         optimizer.step()
+        first_loss = check_step(loss, [learner.ctx], first_loss, step)
         losses.append(loss.detach())
     learner.ctx.grad = None
     if selected is None:  # steps == 0: selection only
@@ -241,6 +249,7 @@ class TPT(Method):
             views = make_views(request.image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
                                generator=request.generator, device=clip.device)
+        check_deadline(request.deadline, "encoding")
         with timer.stage("encode"), autocast(clip.device, amp):
             feats = encode_images(clip, views).float()
         probs = self.adapt_and_predict(request, feats, opts)
@@ -260,12 +269,13 @@ class TPT(Method):
         clip = self.clip
         timer = request.timer
         amp = autocast_dtype(opts.precision, clip.device)
+        check_deadline(request.deadline, "adaptation")
         learner = self.prompts.get(self, request.labels, opts.n_ctx, opts.ctx_init)
         scale = clip.logit_scale
         with learner.episode():
             with timer.stage("adapt"), torch.enable_grad():
                 tune_prompt(learner, feats, scale, opts.selection_p, opts.lr, opts.steps, opts.weight_decay,
-                            chunk_size=opts.chunk_size, precision=opts.precision)
+                            chunk_size=opts.chunk_size, precision=opts.precision, deadline=request.deadline)
             with timer.stage("predict"), torch.no_grad(), autocast(clip.device, amp):
                 unchanged = learner.at_initial_context()  # steps=0 or a skipped step
                 text = (learner.initial_text_features() if unchanged else learner.text_features()).float()

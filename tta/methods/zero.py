@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tta.faults import check_deadline
 from tta.features import encode_images
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy, n_confident
@@ -71,6 +72,7 @@ class Zero(Method):
             views = make_views(request.image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
                                generator=request.generator, device=clip.device)
+        check_deadline(request.deadline, "encoding")
         with request.timer.stage("encode"):
             feats = encode_images(clip, views)
         with request.timer.stage("predict"):

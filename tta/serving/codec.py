@@ -29,15 +29,21 @@ from typing import Any
 
 import torch
 
+from tta.admission import DEADLINE_FIELD, DEADLINE_HEADER, parse_deadline_ms
 from tta.engine import Prediction
 from tta.errors import BadRequest, ModelUnavailable, Unavailable
 from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from tta.serving.admin import ADMIN_HEADER, PRIVILEGED, missing_credential
 
-JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed"})
-OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed")
+JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed", DEADLINE_FIELD})
+OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed", DEADLINE_FIELD)
 ACTIONS = ("state", "reset", "export", "import", "feedback")
-STATUS_BY_CODE = {"image_too_large": 413, "request_too_large": 413}
-PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_BY_CODE = {"image_too_large": 413, "request_too_large": 413, "unauthorized": 401, "forbidden": 403,
+                  "over_budget": 422}
+PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 413: "Payload Too Large",
+           422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+MAX_JSON_DEPTH = 32  # deepest request form is ~6 levels (OIP data, exported state); 5,000 levels was a 500
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait before retrying
 OIP_LENGTH_HEADER = "inference-header-content-length"
 OIP_OUTPUTS = ("labels", "probabilities")
 TENSOR_TAG = "__tensor__"
@@ -67,6 +73,7 @@ class Predict:
     seed: int | None = None
     decode_ms: float = 0.0
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when the request arrived
+    deadline_ms: float | None = None  # the request's own (lower) deadline; the deployment's applies anyway
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-case; for checks before `run`
 
 
@@ -105,6 +112,7 @@ class Failure:
     code: str
     message: str
     method: str | None = None  # for metrics labels, when the request named one
+    retry_after: int | None = None  # seconds, sent as Retry-After (overload, temporarily unavailable)
 
     @property
     def outcome(self) -> str:
@@ -128,7 +136,7 @@ def failure(exc: BaseException, method: str | None = None) -> Failure:
     if isinstance(exc, BadRequest):
         return Failure(STATUS_BY_CODE.get(exc.code, 400), exc.code, str(exc), method)
     if isinstance(exc, ModelUnavailable | Unavailable):
-        return Failure(503, getattr(exc, "code", "unavailable"), str(exc), method)
+        return Failure(503, getattr(exc, "code", "unavailable"), str(exc), method, retry_after=RETRY_AFTER_S)
     return Failure(500, "internal", "internal error; see the server log", method)
 
 
@@ -155,9 +163,17 @@ def decode(body: Any, headers: Mapping[str, str] | None = None, limits: Limits =
             if "inputs" in payload:
                 request = decode_oip(payload, limits, started=started)
             elif "action" in payload:
+                action = payload.get("action")
+                if isinstance(action, str) and action in PRIVILEGED and not headers.get(ADMIN_HEADER, "").strip():
+                    raise missing_credential(action, payload.get("method"), headers)  # before decoding it
                 request = decode_action(payload, limits)
             else:
                 request = decode_json(payload, limits, started=started)
+        header_deadline = headers.get(DEADLINE_HEADER)
+        if header_deadline is not None and not isinstance(request, Action):
+            ms = parse_deadline_ms(header_deadline)
+            for item in request.items if isinstance(request, OipInfer) else [request]:
+                item.deadline_ms = ms if item.deadline_ms is None else min(ms, item.deadline_ms)
     except BadRequest as exc:
         return failure(exc, method)
     request.headers = headers
@@ -187,14 +203,36 @@ def _parse_body(body: Any, headers: Mapping[str, str], limits: Limits) -> Any:
         body = parse_json(body.encode("utf-8"))
     if not isinstance(body, dict):
         raise _bad("expected an image or a JSON object", code="bad_json")
+    check_depth(body)  # TorchServe may have parsed the JSON already
     return body
 
 
 def parse_json(raw: bytes) -> Any:
+    """JSON text -> a value no deeper than `MAX_JSON_DEPTH`, or BadRequest (never RecursionError)."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise _bad(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"malformed JSON: {exc}", code="malformed_json") from exc
+    check_depth(value)
+    return value
+
+
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse containers nested deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise _bad(f"JSON nested deeper than {limit} levels", code="json_too_deep")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
 
 
 def decode_base64_image(value: Any, limits: Limits) -> tuple[torch.Tensor, float]:
@@ -239,11 +277,18 @@ def _check_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
     if options is not None and not isinstance(options, dict):
         raise _bad("'options' must be a JSON object", code="bad_options")
     seed = request.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("'seed' must be an integer", code="bad_options")
+    if seed is not None and not _valid_seed(seed):
+        raise _bad("'seed' must be an integer in [-2**63, 2**64)", code="bad_options")
     top_k = request.get("top_k")
+    deadline = request.get(DEADLINE_FIELD)
     return {"method": method or None, "labels": labels, "options": options, "seed": seed,
-            "top_k": DEFAULT_TOP_K if top_k is None else top_k}
+            "top_k": DEFAULT_TOP_K if top_k is None else top_k,
+            "deadline_ms": None if deadline is None else parse_deadline_ms(deadline)}
+
+
+def _valid_seed(seed: Any) -> bool:
+    """What torch.Generator.manual_seed accepts (a larger int overflows inside torch: a 500)."""
+    return isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
 
 
 def decode_json(payload: Mapping[str, Any], limits: Limits, started: float | None = None) -> Predict:
@@ -279,7 +324,7 @@ def decode_action(payload: Mapping[str, Any], limits: Limits) -> Action:
         request.label = label
         request.image, _ = decode_base64_image(payload.get("image"), limits)
         seed = payload.get("seed")
-        request.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        request.seed = seed if _valid_seed(seed) else None
     return request
 
 

@@ -188,7 +188,9 @@ class ClipTTAModel(kserve.Model):
             decoded = await loop.run_in_executor(None, service.decode, payload, headers)
         reply = await self.batcher.submit(decoded)
         if not reply.ok:
-            raise ServingError(Failure(reply.status, reply.body.get("error", "error"), reply.body.get("message", "")))
+            retry_after = reply.headers.get("Retry-After")
+            raise ServingError(Failure(reply.status, reply.body.get("error", "error"), reply.body.get("message", ""),
+                                       retry_after=int(retry_after) if retry_after else None))
         if isinstance(decoded, OipInfer) and isinstance(payload, InferRequest | RawBody):
             return self._infer_response(reply, decoded, payload)
         return reply.body
@@ -262,8 +264,10 @@ def install(app: FastAPI, dataplane: DataPlane, model: ClipTTAModel) -> None:
 
     async def serving_error(_: Request, exc: Exception) -> Response:
         failure = exc.failure if isinstance(exc, ServingError) else codec.failure(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if failure.status == 401 else None
-        return JSONResponse(status_code=failure.status, content=failure.body(), headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if failure.status == 401 else {}
+        if failure.retry_after is not None:  # overload / unavailable: when to try again
+            headers["Retry-After"] = str(failure.retry_after)
+        return JSONResponse(status_code=failure.status, content=failure.body(), headers=headers or None)
 
     async def infer(model_name: str, request: Request) -> Response:
         if not await dataplane.model_ready(model_name, True):

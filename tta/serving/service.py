@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from typing import Any
 import torch
 
 from tta import state as tta_state
+from tta.admission import Budget
 from tta.drift import DriftConfig
 from tta.engine import Engine, Prediction, PredictRequest
 from tta.errors import TTAError, Unavailable
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
+from tta.serving.admin import AdminAuth
 from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class Reply:
     method: str
     kind: str = "json"  # "json" (JSON form, actions), "oip" (OIP v2 response) or "error"
     predictions: list[Prediction] = field(default_factory=list, repr=False)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Retry-After)
 
     @property
     def ok(self) -> bool:
@@ -53,11 +57,17 @@ class Service:
     """One worker's request runner over an `Engine`, with its metrics."""
 
     def __init__(self, engine: Engine, metrics: ServingMetrics, model: ModelInfo,
-                 limits: Limits = codec.DEFAULT_LIMITS) -> None:
+                 limits: Limits = codec.DEFAULT_LIMITS, budget: Budget | None = None,
+                 admin: AdminAuth | None = None, max_inflight: int = 0) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model = model
         self.limits = limits
+        self.budget = budget or engine.budget or Budget()  # every request gets a deadline
+        self.admin = admin or AdminAuth()  # none configured: privileged actions are refused (403)
+        self.max_inflight = max_inflight  # 0: no bound (TorchServe's queue bounds a worker's load)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # --- the three phases ------------------------------------------------------------------------
     def decode(self, body: Any, headers: Mapping[str, str] | None = None) -> Decoded:
@@ -68,20 +78,41 @@ class Service:
             log.exception("request could not be decoded")
             return codec.failure(exc)
 
-    def run(self, request: Decoded) -> Result:
-        """Call the Engine for one decoded request; errors become a `Failure`, never an exception."""
+    def run(self, request: Decoded, started: float | None = None) -> Result:
+        """Call the Engine for one decoded request; errors become a `Failure`, never an exception.
+
+        `started` (`time.monotonic()`, default now) anchors the request's deadline: a batch passes
+        its own start so the whole batch finishes within the deadline, below the worker timeout.
+        """
         if isinstance(request, Failure):
             return request
+        if not self._enter():
+            return Failure(503, "overloaded", f"more than {self.max_inflight} requests in flight; retry later",
+                           self.method_of(request), retry_after=codec.RETRY_AFTER_S)
         try:
+            anchor = time.monotonic() if started is None else started
             if isinstance(request, Predict):
-                return [self._predict(request)]
+                return [self._predict(request, anchor)]
             if isinstance(request, OipInfer):
-                return [self._predict(item) for item in request.items]
+                return [self._predict(item, anchor) for item in request.items]
             return self._action(request)
         except Exception as exc:  # noqa: BLE001 - one request must never take its neighbours down
             if not isinstance(exc, TTAError):
                 log.exception("request failed unexpectedly")
             return codec.failure(exc, self.method_of(request))
+        finally:
+            self._leave()
+
+    def _enter(self) -> bool:
+        with self._inflight_lock:
+            if self.max_inflight and self._inflight >= self.max_inflight:
+                return False
+            self._inflight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def encode(self, request: Decoded, result: Result) -> Reply:
         """The answer for one request, counting its outcome."""
@@ -91,7 +122,8 @@ class Service:
             if result.code == Unavailable.code:  # stream state out of reach (a model failing to load is not)
                 self.metrics.observe_state_unavailable(self.model.name, result.method or method)
             log.info("request -> %d %s: %s", result.status, result.code, result.message)
-            return Reply(result.status, result.body(), result.method or method, kind="error")
+            headers = {"Retry-After": str(result.retry_after)} if result.retry_after is not None else {}
+            return Reply(result.status, result.body(), result.method or method, kind="error", headers=headers)
         if isinstance(result, dict):  # state actions are counted in tta_state_actions only
             return Reply(200, result, method)
         outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
@@ -109,27 +141,31 @@ class Service:
 
     def handle_batch(self, requests: Sequence[tuple[Any, Mapping[str, str] | None]]) -> list[Reply]:
         """One reply per (body, headers), in order; each request fails alone."""
-        return self.run_batch([self.decode(body, headers) for body, headers in requests])
+        started = time.monotonic()  # one deadline for the batch: it must end before the worker timeout
+        return self.run_batch([self.decode(body, headers) for body, headers in requests], started)
 
-    def run_batch(self, requests: Sequence[Decoded]) -> list[Reply]:
+    def run_batch(self, requests: Sequence[Decoded], started: float | None = None) -> list[Reply]:
         """run + encode for decoded requests, one reply each, in order.
 
         The predictions run as one `Engine.predict_batch` (shared image-encoder passes); a state
         action splits the batch there, so it sees exactly the state it would see one by one.
+        `started` (`time.monotonic()`, default now) anchors the one deadline of the batch.
         """
+        started = time.monotonic() if started is None else started
         results: list[Result | None] = [None] * len(requests)
         segment: list[int] = []
         for index, request in enumerate(requests):
             if isinstance(request, Predict | OipInfer):
                 segment.append(index)
                 continue
-            self._run_segment(requests, segment, results)
+            self._run_segment(requests, segment, results, started)
             segment = []
-            results[index] = self.run(request)
-        self._run_segment(requests, segment, results)
+            results[index] = self.run(request, started)
+        self._run_segment(requests, segment, results, started)
         return [self.encode(request, result) for request, result in zip(requests, results, strict=True)]
 
-    def _run_segment(self, requests: Sequence[Decoded], indices: list[int], results: list[Result | None]) -> None:
+    def _run_segment(self, requests: Sequence[Decoded], indices: list[int], results: list[Result | None],
+                     started: float) -> None:
         """Predict every image of the requests at `indices` in one engine batch."""
         if not indices:
             return
@@ -137,13 +173,13 @@ class Service:
         try:
             answers: list[Prediction | Exception] = self.engine.predict_batch([
                 PredictRequest(item.image, item.method, item.options, item.labels, item.top_k, item.seed,
-                               getattr(item, "deadline", None))  # the reliability branch's decoded deadline
+                               self.budget.deadline(item.deadline_ms, start=started))
                 for _, item in items
             ])
         except Exception:  # noqa: BLE001 - an engine bug: each request answers alone
             log.exception("batched run failed; running the requests one by one")
             for i in indices:
-                results[i] = self.run(requests[i])
+                results[i] = self.run(requests[i], started)
             return
         per_request: dict[int, list[Prediction]] = {i: [] for i in indices}
         for (i, item), answer in zip(items, answers, strict=True):
@@ -167,10 +203,11 @@ class Service:
         return method if isinstance(method, str) and method else self.engine.default_method
 
     # --- running -----------------------------------------------------------------------------------
-    def _predict(self, request: Predict) -> Prediction:
+    def _predict(self, request: Predict, started: float | None = None) -> Prediction:
+        deadline = None if started is None else self.budget.deadline(request.deadline_ms, start=started)
         prediction = self.engine.predict(
             request.image, method=request.method, options=request.options, labels=request.labels,
-            top_k=request.top_k, seed=request.seed,
+            top_k=request.top_k, seed=request.seed, deadline=deadline,
         )
         return self._finish(request, prediction)
 
@@ -185,7 +222,7 @@ class Service:
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m, name = self.metrics, self.model.name
         m.observe_stages(name, prediction.method, prediction.timings_ms)
-        if prediction.extra.get("fallback"):
+        if prediction.extra.get("fallback"):  # deadline, numerical, oom, generation fallbacks: one counter
             m.observe_fallback(name, prediction.method, prediction.extra["fallback"])
         m.observe_prediction(
             name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
@@ -198,8 +235,9 @@ class Service:
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
-        outcome = "client_error"
+        outcome, credential = "client_error", None
         try:
+            credential = self.admin.authorize(request.action, method, request.headers)
             result = self._run_action(request, method)
             outcome = "ok"
             if isinstance(result.get("state"), Mapping) and request.action != "export":
@@ -207,6 +245,8 @@ class Service:
             return result
         finally:
             self.metrics.observe_state_action(self.model.name, method, request.action, outcome)
+            if credential is not None:
+                self.admin.record(request.action, method, outcome, credential, request.headers)
 
     def _run_action(self, request: Action, method: str) -> dict[str, Any]:
         engine, action = self.engine, request.action
@@ -236,7 +276,8 @@ def _items(request: Decoded) -> list[Predict]:
 # --- building a worker from a deployment config ------------------------------------------------------
 def build_service(config: Mapping[str, Any], *, model_name: str, model_version: str = "1.0",
                   model_dir: Path | str = ".", device: torch.device | None = None,
-                  metrics: ServingMetrics | None = None) -> Service:
+                  metrics: ServingMetrics | None = None, response_timeout_s: float | None = None,
+                  admin: AdminAuth | None = None) -> Service:
     """Load CLIP, the label set and the Engine as the `tta:` section of an archive's config says.
 
     The same keys serve both servers: TorchServe reads them from the archive's model-config.yaml,
@@ -248,6 +289,7 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     from tta.text import LabelSet, load_labels
 
     model_dir = Path(model_dir)
+    budget = Budget.for_worker(config, response_timeout_s)  # a deadline past the worker timeout loses the batch
     device = device or resolve_device(config.get("device"))
     configure_state(config, model_name)
     labels_file = config.get("labels_file")
@@ -265,6 +307,7 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         method_defaults=config.get("method_defaults") or {},
         max_labels=int(config.get("max_labels", 1000)),
         seed=int(config.get("seed", 0)),
+        budget=budget,
         drift=DriftConfig.from_mapping(config),
         max_batch_images=int(config.get("max_batch_images", 256)),
     )
@@ -274,7 +317,9 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     metrics.known_methods = frozenset(engine.methods) | ({"drift"} if engine.drift is not None else set())
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
-    return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits)
+    return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
+                   admin=admin or AdminAuth.from_config(config),
+                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0))
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:
