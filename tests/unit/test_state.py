@@ -259,31 +259,6 @@ def test_urls_are_masked() -> None:
     assert mask_url("redis://db:6379/0") == "redis://db:6379/0"
 
 
-def test_transaction_api_still_works_on_the_file_backend(tmp_path: Path) -> None:
-    """`StreamState` (the pre-log API) for owners not yet ported: snapshots every N changes."""
-    from tta.state import StreamState
-
-    class Legacy:
-        def __init__(self) -> None:
-            self.items: list[int] = []
-            self.host = StreamState("legacy", lambda: {"items": list(self.items)}, self._restore,
-                                    StateConfig(directory=tmp_path, deployment="m", every=2))
-            self.host.restore_on_start()
-
-        def _restore(self, state: dict) -> None:
-            self.items = list(state["items"])
-
-        def add(self, value: int) -> None:
-            with self.host.transaction():
-                self.items.append(value)
-                self.host.changed()
-
-    first = Legacy()
-    for i in range(5):
-        first.add(i)
-    assert Legacy().items == [0, 1, 2, 3] and first.host.mode == "file"
-
-
 def test_archive_refuses_a_state_url_with_a_password_and_other_schemes() -> None:
     import argparse
 

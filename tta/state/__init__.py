@@ -11,7 +11,6 @@
 - `config`: which backend, from `configure(...)` or the environment (``TTA_STATE_URL``, ...).
 """
 
-from tta.state.compat import StreamState
 from tta.state.config import StateConfig, configure, current_config, mask_url
 from tta.state.host import HostStats, StateHost, StateOwner, open_host
 from tta.state.ops import Op
@@ -21,6 +20,6 @@ from tta.state.stream import STATE_UNAVAILABLE, StreamStateMixin
 
 __all__ = [
     "STATE_UNAVAILABLE", "ClassQueues", "Entry", "HostStats", "Op", "Policy", "StateConfig", "StateHost",
-    "StateOwner", "StateStore", "StreamState", "StreamStateMixin", "check_meta", "configure", "current_config", "dumps", "loads",
+    "StateOwner", "StateStore", "StreamStateMixin", "check_meta", "configure", "current_config", "dumps", "loads",
     "loads_with_generation", "mask_url", "open_host",
 ]
