@@ -123,8 +123,11 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
     }
 
 
-def _validate(args: argparse.Namespace) -> dict[str, Any]:
-    """Fail at build time on what would otherwise fail every worker start."""
+def check_method_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--method, --templates and --method-defaults checked as a worker would; the parsed defaults.
+
+    Shared by `tta archive` and `tta serve`, so a bad flag fails before any server starts.
+    """
     get_method_class(args.method)
     resolve_templates(args.templates)
     try:
@@ -135,6 +138,12 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
     for name, options in method_defaults.items():
         get_method_class(name).Options.from_dict(options).validate()
+    return method_defaults
+
+
+def _validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Fail at build time on what would otherwise fail every worker start."""
+    method_defaults = check_method_flags(args)
     from tta.drift import DriftConfig
 
     try:

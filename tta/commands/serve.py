@@ -21,8 +21,6 @@ from typing import Any
 
 from tta.errors import TTAError
 from tta.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from tta.methods.base import get_method_class
-from tta.text import resolve_templates
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
     """The `tta:` section an archive would carry, from the flags (validated like `tta archive`)."""
-    get_method_class(args.method)
-    resolve_templates(args.templates)
-    try:
-        method_defaults = json.loads(args.method_defaults)
-    except json.JSONDecodeError as exc:
-        raise TTAError(f"--method-defaults is not JSON: {exc}") from exc
-    if not isinstance(method_defaults, dict):
-        raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
-    for name, options in method_defaults.items():
-        get_method_class(name).Options.from_dict(options).validate()
+    from tta.commands.archive import check_method_flags
+
+    method_defaults = check_method_flags(args)
     if args.batch_size < 1 or args.max_batch_delay < 0:
         raise TTAError("--batch-size must be >= 1 and --max-batch-delay >= 0")
     config: dict[str, Any] = {
