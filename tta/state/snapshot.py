@@ -20,7 +20,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +91,6 @@ class StateStore:
         except ValueError as exc:
             log.warning("state snapshot %s refused: %s; starting empty", self.path, exc)
             return None
-
-    @contextlib.contextmanager
-    def locked(self, blocking: bool = True) -> Iterator[bool]:
-        """Exclusive advisory lock on `<name>.lock` (flock); yields False when non-blocking and busy."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
 
     def acquire_owner(self) -> int | None:
         """Hold the lock for the process lifetime; the fd, or None if another *process* holds it.
