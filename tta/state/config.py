@@ -87,7 +87,7 @@ def configure(config: StateConfig | None = None, **changes: Any) -> StateConfig:
     """
     global _config
     with _config_lock:
-        previous = current_config() if _config is None else _config
+        previous = current_config()
         if config is None and not changes:
             _config = None
             return previous

@@ -107,10 +107,7 @@ class StreamStateMixin:
         return {"meta": self._meta(), **self._export_state()}
 
     def _import_checked(self, state: Mapping[str, Any]) -> None:
-        expected = {"method": self.name, "state_version": self.state_version,
-                    "embed_dim": int(self.clip.embed_dim), "model": str(self.clip.name),
-                    "labels": self._names}
-        check_meta(state, expected)
+        check_meta(state, self._meta())
         labels = state["meta"].get("labels")
         self._clear_state()
         self._import_state(state)
