@@ -299,9 +299,8 @@ class GDA(StreamStateMixin, Method):
                 raise BadRequest(f"label index {label} outside [0, {n_classes})", code="unknown_label")
         self._last_text = text_features
         feats = torch.stack([f.detach().float().cpu().reshape(-1, f.shape[-1]) for f in features])
-        return self.host.commit({"kind": "support", "feats": feats, "labels": [int(v) for v in labels],
-                                 "refit": bool(refit), "opts": self._opts_delta(opts),
-                                 "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
+        return self.host.commit(self._op("support", opts, feats=feats, labels=[int(v) for v in labels],
+                                         refit=bool(refit)))
 
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """A labelled example: scored first (online accuracy), then added to the support set."""
@@ -312,14 +311,17 @@ class GDA(StreamStateMixin, Method):
         self._bind_labels(request.labels.names)
         available = self.host.sync()
         predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
-        op = {"kind": "support", "feats": feats.detach().float().cpu()[None], "labels": [int(label_index)],
-              "refit": True, "scored": predicted == label_index, "opts": self._opts_delta(opts),
-              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS}
+        op = self._op("support", opts, feats=feats.detach().float().cpu()[None], labels=[int(label_index)],
+                      refit=True, scored=predicted == label_index)
         available = self.host.commit(op) and available
         reply = {"method": self.name, "label": request.labels.names[label_index],
                  "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
                  "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
         return self._flag(reply, available)
+
+    def _op(self, kind: str, opts: GDAOptions, **fields: Any) -> dict[str, Any]:
+        """An operation of this worker: its fields plus the request options and the CV cost it measured."""
+        return {"kind": kind, **fields, "opts": self._opts_delta(opts), "cv_expensive": self.last_cv_ms > CV_BUDGET_MS}
 
     def _apply_op(self, op: Any) -> None:
         """`support`: labelled examples (+ online-accuracy score); `pseudo`: one confident prediction."""
@@ -343,9 +345,10 @@ class GDA(StreamStateMixin, Method):
         text = self._deployment_text()
         if text is None:
             return
+        cv_expensive = bool(op.get("cv_expensive", False))
         if refit:
-            self.refit(text, opts, bool(op.get("cv_expensive", False)))
-        self._ensure_fit(text, opts, bool(op.get("cv_expensive", False)))
+            self.refit(text, opts, cv_expensive)
+        self._ensure_fit(text, opts, cv_expensive)
 
     def _ensure_fit(self, text_features: torch.Tensor, opts: GDAOptions, cv_expensive: bool | None = None) -> None:
         stale = self._text is None or self._text.shape != text_features.shape
@@ -374,10 +377,9 @@ class GDA(StreamStateMixin, Method):
         with request.timer.stage("adapt"):
             self._bind_labels(request.labels.names)
             if opts.pseudo_labels and float(zeroshot.max()) >= opts.pseudo_threshold:
-                available = self.host.commit({"kind": "pseudo", "cls": int(zeroshot.argmax()),
-                                              "feature": feats[0].detach().float().cpu(),
-                                              "score": float(entropy(zs_logits)), "opts": self._opts_delta(opts),
-                                              "cv_expensive": self.last_cv_ms > CV_BUDGET_MS})
+                available = self.host.commit(self._op("pseudo", opts, cls=int(zeroshot.argmax()),
+                                                      feature=feats[0].detach().float().cpu(),
+                                                      score=float(entropy(zs_logits))))
             else:
                 available = self.host.sync()
             logits = self._logits(feats, request.text_features)[0]
