@@ -147,6 +147,7 @@ class ServingMetrics:
             "reference_samples": drift_gauge("tta_drift_reference_samples", "Images captured into the drift reference"),
             "reference_ready": drift_gauge("tta_drift_reference_ready", "1 once the drift reference is captured and frozen"),
         }
+        self._lazy_instruments: dict[str, Any] = {}  # see `_lazy`
         self._declared: set[tuple[str, str]] = set()  # (model, method) with zero-initialised counters
         # The server's method names (the registry, plus "drift"): a request naming anything else is
         # counted under UNKNOWN_METHOD, so no label value comes from request data. None = trust callers.
@@ -291,8 +292,6 @@ class ServingMetrics:
     def _lazy(self, name: str, make: Callable[[], Any]) -> Any:
         """Instruments added after the constructor's set, created on first use (one per registry)."""
         with _LAZY_LOCK:
-            if not hasattr(self, "_lazy_instruments"):
-                self._lazy_instruments: dict[str, Any] = {}
             if name not in self._lazy_instruments:
                 self._lazy_instruments[name] = make()
             return self._lazy_instruments[name]
