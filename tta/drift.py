@@ -299,7 +299,7 @@ class DriftMonitor:
             self._reference = apply(self._reference, {"kind": "load", "state": state})
 
     # --- the host (tta.state.open_host: in-process, file snapshots or the Redis operation log) ---
-    def _commit(self, op: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _commit(self, op: dict[str, Any] | None) -> dict[str, Any]:
         """Append `op` to the state log (None: just catch up) and apply everything up to it; the reference.
 
         When the backend is away the reference is the last known one (the op is queued by the host).
@@ -307,7 +307,7 @@ class DriftMonitor:
         if op is None:
             self.host.sync()
         else:
-            self.host.commit(dict(op))
+            self.host.commit(op)
         self._synced_at = time.monotonic()
         return self._reference
 
