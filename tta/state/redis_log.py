@@ -324,14 +324,7 @@ class RedisHost(StateHost):
                 pass
 
     def flush(self) -> None:
-        """Nothing to do: the log is the durable copy (snapshots are periodic, see `snapshot_now`)."""
-
-    def snapshot_now(self) -> None:
-        """Write a snapshot at this replica's offset now (synchronously) if Redis is reachable."""
-        with self._lock:
-            if not self.sync() or not self.epoch:
-                return
-            self._write_snapshot(_copied(self.owner.snapshot()), self.epoch, self.last_id)
+        """Nothing to do: the log is the durable copy (snapshots are taken every `every` operations)."""
 
     def wait_snapshot(self, timeout_s: float = 60.0) -> None:
         """Block until a background snapshot write finishes (tests, shutdown)."""
