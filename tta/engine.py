@@ -205,7 +205,9 @@ class Engine:
                 jobs.append(exc)
         results: list[Prediction | Exception] = []
         with self._lock:
-            self._encode_shared([j for j in jobs if isinstance(j, _Job)])
+            prepared = [j for j in jobs if isinstance(j, _Job)]
+            if sum(j.impl.batch_encoding != "none" for j in prepared) > 1:  # else nothing to share: a batch
+                self._encode_shared(prepared)  # of one (the common case) would build its views twice
             for job in jobs:
                 if isinstance(job, Exception):
                     results.append(job)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tta.models import ClipModel
+from tta.views import base_view, normalize
 
 _PRECOMPUTED: contextvars.ContextVar[Sequence[tuple[torch.Tensor, torch.Tensor]] | None] = (
     contextvars.ContextVar("tta_precomputed_features", default=None)
@@ -37,6 +38,15 @@ def _lookup(views: torch.Tensor) -> torch.Tensor | None:
         if known.shape == views.shape and known.device == views.device and torch.equal(known, views):
             return feats
     return None
+
+
+def original_view(clip: ClipModel, image: torch.Tensor) -> torch.Tensor:
+    """The normalised original view [1, 3, S, S] of a uint8 [3, H, W] image (CLIP's eval preprocessing).
+
+    One definition for every single-view encoder and `Method.batch_views`: the shared batch pass
+    only replaces an encoding when the tensors are bit-identical.
+    """
+    return normalize(base_view(image.to(clip.device), clip.image_size), clip.mean, clip.std).unsqueeze(0)
 
 
 @torch.no_grad()

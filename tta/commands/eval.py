@@ -64,6 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="with --sweep: accuracy vs mean cost figure")
 
 
+def latency_stats(lat: list[float], scale: float = 1.0) -> dict[str, float]:
+    """Mean, median and p95 (x `scale`) of sorted latencies; NaN when there are none."""
+    n = len(lat)
+    if not n:
+        return {"latency_ms_mean": float("nan"), "latency_ms_median": float("nan"), "latency_ms_p95": float("nan")}
+    return {"latency_ms_mean": scale * statistics.fmean(lat), "latency_ms_median": scale * statistics.median(lat),
+            "latency_ms_p95": scale * lat[min(n - 1, int(0.95 * n))]}
+
+
 @dataclass
 class MethodResult:
     """Running totals of one method over the evaluated images."""
@@ -90,9 +99,7 @@ class MethodResult:
             "accuracy": self.correct / n if n else nan,
             "zeroshot_accuracy": self.zeroshot_correct / n if n else nan,
             "changed_by_adaptation": self.changed / n if n else nan,
-            "latency_ms_mean": 1000 * statistics.fmean(lat) if n else nan,
-            "latency_ms_median": 1000 * statistics.median(lat) if n else nan,
-            "latency_ms_p95": 1000 * lat[min(n - 1, int(0.95 * n))] if n else nan,
+            **latency_stats(lat, scale=1000.0),
             "escalation_rate": self.escalated / n if n and self.encoded else None,
             "encoded_images_mean": statistics.fmean(self.encoded) if self.encoded else None,
         }
@@ -247,8 +254,7 @@ def sweep_rows(traced: MethodResult, truth: list[str], zeroshot_truth: list[str]
         rows.append({
             "method": "auto-sweep", "threshold": threshold, "n": n,
             "accuracy": correct / n, "zeroshot_accuracy": traced.zeroshot_correct / n, "changed_by_adaptation": changed / n,
-            "latency_ms_mean": statistics.fmean(lat), "latency_ms_median": statistics.median(lat),
-            "latency_ms_p95": lat[min(n - 1, int(0.95 * n))], "escalation_rate": escalated / n,
+            **latency_stats(lat), "escalation_rate": escalated / n,
             "encoded_images_mean": None,
         })
     return rows

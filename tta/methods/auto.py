@@ -47,11 +47,11 @@ from typing import Any, Literal
 import torch
 
 from tta.errors import BadRequest
-from tta.features import encode_images, precomputed_features
+from tta.features import encode_images, original_view, precomputed_features, zeroshot_logits
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tpt import TPT, TPTOptions
-from tta.methods.zero import zero_vote
-from tta.views import ViewSpec, base_view, make_views, normalize
+from tta.methods.zero import ZeroOptions, zero_vote
+from tta.views import ViewSpec, make_views
 
 TIER_NAMES = ("zeroshot", "tda", "zero", "tpt")
 DEFAULT_VIEWS = {"zeroshot": 1, "tda": 1, "zero": 64, "tpt": 64}
@@ -184,8 +184,7 @@ class _Episode:
             return self.feats[:n]
         if n == 1 and self.views is None:
             with timer.stage("augment"):
-                views = normalize(base_view(self.request.image.to(clip.device), clip.image_size),
-                                  clip.mean, clip.std).unsqueeze(0)
+                views = original_view(clip, self.request.image)
         else:
             if self.views is None:
                 generator = torch.Generator().set_state(self.generator_state)
@@ -249,12 +248,12 @@ class Auto(Method):
         feats = episode.features(tier.views)
         if tier.name == "zeroshot":
             with request.timer.stage("predict"):
-                return (clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+                return zeroshot_logits(clip, feats[:1], request.text_features).softmax(-1)[0]
         if tier.name == "tda":
             return self._run_stream(tier.name, feats, episode, request)
         if tier.name == "zero":
             with request.timer.stage("predict"):
-                votes = zero_vote(clip.logit_scale * feats @ request.text_features.t(), 0.3)
+                votes = zero_vote(zeroshot_logits(clip, feats, request.text_features), ZeroOptions.gamma)
                 return votes / votes.sum()
         return self._tpt.adapt_and_predict(request, feats, TPTOptions(n_views=tier.views, augmix=episode.augmix))
 
@@ -328,7 +327,7 @@ class Auto(Method):
         self._track(opts, threshold, wanted_escalation)
         assert probs is not None and episode.feats is not None
         feats = episode.feats
-        zeroshot = (self.clip.logit_scale * feats[:1] @ request.text_features.t()).softmax(-1)[0]
+        zeroshot = zeroshot_logits(self.clip, feats[:1], request.text_features).softmax(-1)[0]
         extra: dict[str, Any] = {
             "tier": tiers[answered].key,
             "escalated": answered > 0,

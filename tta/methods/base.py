@@ -170,11 +170,12 @@ class Method(ABC):
     def batch_views(self, request: MethodInput) -> torch.Tensor | None:
         """The exact views [N, 3, S, S] `predict` will encode first, or None when they cannot be
         known in advance. The request's generator is not advanced (a copy is used)."""
-        from tta.views import ViewSpec, base_view, make_views, normalize
+        from tta.features import original_view
+        from tta.views import ViewSpec, make_views
 
         clip = self.clip
         if self.batch_encoding == "original":
-            return normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)[None]
+            return original_view(clip, request.image)
         if self.batch_encoding == "views":
             opts = request.options
             generator = torch.Generator().set_state(request.generator.get_state())

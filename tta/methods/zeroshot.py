@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tta.features import encode_images, zeroshot_logits
+from tta.features import encode_images, original_view, zeroshot_logits
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, register
-from tta.views import base_view, normalize
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,9 @@ class ZeroShot(Method):
     def predict(self, request: MethodInput) -> MethodOutput:
         clip = self.clip
         with request.timer.stage("augment"):
-            view = normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)
+            view = original_view(clip, request.image)
         with request.timer.stage("encode"):
-            feats = encode_images(clip, view.unsqueeze(0))
+            feats = encode_images(clip, view)
         with request.timer.stage("predict"):
             probs = zeroshot_logits(clip, feats, request.text_features).softmax(-1)[0]
         return MethodOutput(probs=probs, zeroshot_probs=probs, image_features=feats[0])
