@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from tests.integration.torchserve import free_port
+from tta.testing.redis_server import free_port, terminate
 
 
 def binary(name: str) -> str:
@@ -74,12 +74,7 @@ class Prometheus:
             self.wait(lambda: requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200, timeout_s, "ready")
             yield self
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            terminate(self.process, 30)
             log.close()
 
     def log_tail(self, chars: int = 3000) -> str:
