@@ -98,16 +98,15 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; raises on a PromQL error (the expression must at least evaluate)."""
-        reply = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
-        if reply.get("status") != "success":
-            raise AssertionError(f"{expr}: {reply.get('errorType')}: {reply.get('error')}")
-        return reply["data"]["result"]
+        return self._result("query", {"query": expr}, timeout_s=10)
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        params = {"query": expr, "start": start, "end": end, "step": step}
-        reply = requests.get(f"{self.url}/api/v1/query_range", params=params, timeout=30).json()
+        return self._result("query_range", {"query": expr, "start": start, "end": end, "step": step}, timeout_s=30)
+
+    def _result(self, endpoint: str, params: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
+        reply = requests.get(f"{self.url}/api/v1/{endpoint}", params=params, timeout=timeout_s).json()
         if reply.get("status") != "success":
-            raise AssertionError(f"{expr}: {reply.get('errorType')}: {reply.get('error')}")
+            raise AssertionError(f"{params['query']}: {reply.get('errorType')}: {reply.get('error')}")
         return reply["data"]["result"]
 
     def alerts(self) -> dict[str, str]:
