@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.server_bench import _percentile as pct  # noqa: E402
 from tta.methods.tda import TDA, TDAOptions  # noqa: E402
 from tta.state import StateConfig, StateStore, open_host  # noqa: E402
 from tta.state.ops import Op  # noqa: E402
@@ -117,11 +118,6 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc), e.g. the redis-server's."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def latency(classes: int, n: int, url: str, workdir: Path, redis_pid: int) -> dict[str, Any]:

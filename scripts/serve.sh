@@ -51,10 +51,11 @@ if [[ "${SKIP_SYNC:-0}" != "1" ]]; then
     uv sync --frozen
 fi
 
+label_args=()
+[[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
+
 # KServe: the worker is built in-process from the same knobs; ARCHIVE_ARGS flags are shared
 if [[ "${SERVER:-torchserve}" == "kserve" ]]; then
-    label_args=()
-    [[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
     say "starting KServe's model server (REST :${HTTP_PORT:-8080}, gRPC :${GRPC_PORT:-8081}; Ctrl-C to stop)"
     # shellcheck disable=SC2086  # ARCHIVE_ARGS is a list of flags on purpose
     exec "${VENV}/tta" serve --server kserve --model "${MODEL}" --name "${NAME}" --method "${METHOD}" \
@@ -84,8 +85,6 @@ fi
 command -v java >/dev/null 2>&1 || { say "java (17+) is required by TorchServe's frontend"; exit 1; }
 
 # 3. archive
-label_args=()
-[[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
 say "building ${ARCHIVE}"
 mkdir -p "${MODEL_STORE}"
 # shellcheck disable=SC2086  # ARCHIVE_ARGS is a list of flags on purpose

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from tests.integration.torchserve import free_port
+from tta.testing.redis_server import free_port, terminate
 
 
 def binary(name: str) -> str:
@@ -74,12 +74,7 @@ class Prometheus:
             self.wait(lambda: requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200, timeout_s, "ready")
             yield self
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            terminate(self.process, 30)
             log.close()
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -103,16 +98,15 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; raises on a PromQL error (the expression must at least evaluate)."""
-        reply = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
-        if reply.get("status") != "success":
-            raise AssertionError(f"{expr}: {reply.get('errorType')}: {reply.get('error')}")
-        return reply["data"]["result"]
+        return self._result("query", {"query": expr}, timeout_s=10)
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        params = {"query": expr, "start": start, "end": end, "step": step}
-        reply = requests.get(f"{self.url}/api/v1/query_range", params=params, timeout=30).json()
+        return self._result("query_range", {"query": expr, "start": start, "end": end, "step": step}, timeout_s=30)
+
+    def _result(self, endpoint: str, params: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
+        reply = requests.get(f"{self.url}/api/v1/{endpoint}", params=params, timeout=timeout_s).json()
         if reply.get("status") != "success":
-            raise AssertionError(f"{expr}: {reply.get('errorType')}: {reply.get('error')}")
+            raise AssertionError(f"{params['query']}: {reply.get('errorType')}: {reply.get('error')}")
         return reply["data"]["result"]
 
     def alerts(self) -> dict[str, str]:

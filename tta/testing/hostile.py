@@ -14,7 +14,6 @@ import io
 import json
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -254,7 +253,3 @@ def oip_binary_cases(image: bytes | None = None) -> list[Case]:
 def corpus() -> list[Case]:
     """Every case: images, JSON (all forms), OIP binary."""
     return image_cases() + json_cases() + oip_binary_cases()
-
-
-def names() -> Iterator[str]:
-    return (case.name for case in corpus())
