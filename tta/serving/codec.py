@@ -254,14 +254,17 @@ def decode_image_element(value: Any, limits: Limits) -> tuple[torch.Tensor, floa
     """One element of an OIP BYTES tensor: base64 text (JSON, or bytes of it) or raw image bytes.
 
     Encoded images are never valid base64 (their magic numbers hold non-base64 bytes), so bytes
-    that are base64 are decoded as text first.
+    that are base64 are base64 text: decoded once here, the raw image bytes otherwise.
     """
-    if isinstance(value, bytes | bytearray) and not _looks_base64(bytes(value)):
+    if isinstance(value, bytes | bytearray) and value:
         start = time.perf_counter()
-        image = decode_image(bytes(value), max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+        raw = bytes(value)
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            pass  # not base64: the encoded image itself
+        image = decode_image(raw, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
         return image, (time.perf_counter() - start) * 1000.0
-    if isinstance(value, bytes | bytearray):
-        value = bytes(value).decode("ascii")
     return decode_base64_image(value, limits)
 
 
@@ -430,14 +433,6 @@ def split_bytes_tensor(blob: bytes) -> list[bytes]:
         out.append(blob[offset:offset + length])
         offset += length
     return out
-
-
-def _looks_base64(raw: bytes) -> bool:
-    try:
-        base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return True
 
 
 # --- state (export/import) -------------------------------------------------------------------------
