@@ -84,6 +84,7 @@ class OipInfer:
     items: list[Predict]
     id: str | None = None
     outputs: list[dict[str, Any]] | None = None  # requested outputs ({"name", "parameters"}); None = all
+    binary_output: bool = False  # tritonclient's binary_data_output parameter: answer binary tensors
     headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -337,6 +338,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object", code="bad_json")
+    binary_output = bool(params.get("binary_data_output"))
     params = {k: params.get(k) for k in OIP_PARAMETERS}
     if isinstance(params["options"], str):  # tritonclient parameters are scalars: options come as JSON text
         params["options"] = parse_json(params["options"].encode("utf-8"))
@@ -356,7 +358,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
         image, decode_ms = decode_image_element(element, limits)
         items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
     request_id = payload.get("id")
-    return OipInfer(items, str(request_id) if request_id else None, outputs)
+    return OipInfer(items, str(request_id) if request_id else None, outputs, binary_output)
 
 
 def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
