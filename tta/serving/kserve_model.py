@@ -187,10 +187,8 @@ class ClipTTAModel(kserve.Model):
         else:  # v1: a JSON object (JSON form, state actions, OIP body) or raw image bytes
             decoded = await loop.run_in_executor(None, service.decode, payload, headers)
         reply = await self.batcher.submit(decoded)
-        if not reply.ok:
-            retry_after = reply.headers.get("Retry-After")
-            raise ServingError(Failure(reply.status, reply.body.get("error", "error"), reply.body.get("message", ""),
-                                       retry_after=int(retry_after) if retry_after else None))
+        if reply.failure is not None:
+            raise ServingError(reply.failure)
         if isinstance(decoded, OipInfer) and isinstance(payload, InferRequest | RawBody):
             return self._infer_response(reply, decoded, payload)
         return reply.body
