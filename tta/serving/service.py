@@ -205,11 +205,10 @@ class Service:
         return method if isinstance(method, str) and method else self.engine.default_method
 
     # --- running -----------------------------------------------------------------------------------
-    def _predict(self, request: Predict, started: float | None = None) -> Prediction:
-        deadline = None if started is None else self.budget.deadline(request.deadline_ms, start=started)
+    def _predict(self, request: Predict, started: float) -> Prediction:
         prediction = self.engine.predict(
             request.image, method=request.method, options=request.options, labels=request.labels,
-            top_k=request.top_k, seed=request.seed, deadline=deadline,
+            top_k=request.top_k, seed=request.seed, deadline=self.budget.deadline(request.deadline_ms, start=started),
         )
         return self._finish(request, prediction)
 
