@@ -35,7 +35,6 @@ from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from tta.models import resolve_device  # noqa: E402
 from tta.serving.admin import AdminAuth, torchserve_key_file  # noqa: E402
-from tta.serving.codec import PHRASES  # noqa: E402
 from tta.serving.service import Reply, build_service, start_exporter, warm_up  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -82,8 +81,8 @@ def _answer(context: Any, idx: int, reply: Reply) -> str:
     context.set_response_content_type(idx, "application/json")
     for name, value in reply.headers.items():
         context.set_response_header(idx, name, value)
-    if not reply.ok:
-        context.set_response_status(reply.status, PHRASES.get(reply.status, "Error"), idx)
+    if reply.failure is not None:
+        context.set_response_status(reply.status, reply.failure.phrase, idx)
         log.info("request %s -> %d", context.get_request_id(idx), reply.status)
     return reply.text()
 

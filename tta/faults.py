@@ -47,7 +47,8 @@ def check_step(loss: torch.Tensor, params: Iterable[torch.Tensor], first_loss: f
     value = float(loss.detach().float())
     if not math.isfinite(value):
         raise ZeroShotFallback(NUMERICAL, f"non-finite loss at step {step}")
-    if any(not bool(torch.isfinite(p.detach()).all()) for p in params):
+    finite = [torch.isfinite(p.detach()).all() for p in params]  # one device sync for all, not one each
+    if finite and not bool(torch.stack(finite).all()):
         raise ZeroShotFallback(NUMERICAL, f"non-finite parameters after step {step}")
     if first_loss is None:
         return value

@@ -74,10 +74,6 @@ class AdminAuth:
         return cls(token=token.strip() if token else None, token_file=Path(token_file) if token_file else None,
                    key_file=Path(key) if key else None)
 
-    @property
-    def configured(self) -> bool:
-        return bool(self.token or self.token_file or self.key_file)
-
     def credentials(self) -> list[tuple[str, str]]:
         """(kind, secret) pairs valid now."""
         out = []
@@ -111,9 +107,9 @@ class AdminAuth:
         if action not in PRIVILEGED:
             return None
         given = (headers.get(ADMIN_HEADER) or "").strip()
-        hints = _client_hints(headers)
         if not given:
             raise missing_credential(action, method, headers)
+        hints = _client_hints(headers)
         valid = self.credentials()
         for kind, secret in valid:
             if hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):

@@ -84,6 +84,7 @@ class OipInfer:
     items: list[Predict]
     id: str | None = None
     outputs: list[dict[str, Any]] | None = None  # requested outputs ({"name", "parameters"}); None = all
+    binary_output: bool = False  # tritonclient's binary_data_output parameter: answer binary tensors
     headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -254,14 +255,17 @@ def decode_image_element(value: Any, limits: Limits) -> tuple[torch.Tensor, floa
     """One element of an OIP BYTES tensor: base64 text (JSON, or bytes of it) or raw image bytes.
 
     Encoded images are never valid base64 (their magic numbers hold non-base64 bytes), so bytes
-    that are base64 are decoded as text first.
+    that are base64 are base64 text: decoded once here, the raw image bytes otherwise.
     """
-    if isinstance(value, bytes | bytearray) and not _looks_base64(bytes(value)):
+    if isinstance(value, bytes | bytearray) and value:
         start = time.perf_counter()
-        image = decode_image(bytes(value), max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+        raw = bytes(value)
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            pass  # not base64: the encoded image itself
+        image = decode_image(raw, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
         return image, (time.perf_counter() - start) * 1000.0
-    if isinstance(value, bytes | bytearray):
-        value = bytes(value).decode("ascii")
     return decode_base64_image(value, limits)
 
 
@@ -334,6 +338,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object", code="bad_json")
+    binary_output = bool(params.get("binary_data_output"))
     params = {k: params.get(k) for k in OIP_PARAMETERS}
     if isinstance(params["options"], str):  # tritonclient parameters are scalars: options come as JSON text
         params["options"] = parse_json(params["options"].encode("utf-8"))
@@ -353,7 +358,7 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
         image, decode_ms = decode_image_element(element, limits)
         items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
     request_id = payload.get("id")
-    return OipInfer(items, str(request_id) if request_id else None, outputs)
+    return OipInfer(items, str(request_id) if request_id else None, outputs, binary_output)
 
 
 def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
@@ -430,14 +435,6 @@ def split_bytes_tensor(blob: bytes) -> list[bytes]:
         out.append(blob[offset:offset + length])
         offset += length
     return out
-
-
-def _looks_base64(raw: bytes) -> bool:
-    try:
-        base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return True
 
 
 # --- state (export/import) -------------------------------------------------------------------------

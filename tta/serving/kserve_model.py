@@ -187,10 +187,8 @@ class ClipTTAModel(kserve.Model):
         else:  # v1: a JSON object (JSON form, state actions, OIP body) or raw image bytes
             decoded = await loop.run_in_executor(None, service.decode, payload, headers)
         reply = await self.batcher.submit(decoded)
-        if not reply.ok:
-            retry_after = reply.headers.get("Retry-After")
-            raise ServingError(Failure(reply.status, reply.body.get("error", "error"), reply.body.get("message", ""),
-                                       retry_after=int(retry_after) if retry_after else None))
+        if reply.failure is not None:
+            raise ServingError(reply.failure)
         if isinstance(decoded, OipInfer) and isinstance(payload, InferRequest | RawBody):
             return self._infer_response(reply, decoded, payload)
         return reply.body
@@ -225,22 +223,12 @@ class ClipTTAModel(kserve.Model):
         if isinstance(payload, InferRequest):
             binary, requested, from_grpc = payload.use_binary_outputs, None, payload.from_grpc
         else:
-            binary = bool(self._request_parameter(payload, "binary_data_output"))
+            binary = request.binary_output
             requested = [RequestedOutput(o["name"], o["parameters"]) for o in request.outputs or []] or None
             from_grpc = False
         return InferResponse(response_id=request.id or "", model_name=self.name, model_version=self.model_version,
                              infer_outputs=outputs, from_grpc=from_grpc, use_binary_outputs=binary,
                              requested_outputs=requested)
-
-    @staticmethod
-    def _request_parameter(payload: RawBody, name: str) -> Any:
-        size = payload.headers.get(codec.OIP_LENGTH_HEADER)
-        try:
-            header = json.loads(payload.body[:int(size)] if size else payload.body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        params = header.get("parameters") if isinstance(header, dict) else None
-        return params.get(name) if isinstance(params, dict) else None
 
     # --- authentication ----------------------------------------------------------------------------
     def check_token(self, headers: Mapping[str, str]) -> None:

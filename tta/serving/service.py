@@ -44,6 +44,7 @@ class Reply:
     kind: str = "json"  # "json" (JSON form, actions), "oip" (OIP v2 response) or "error"
     predictions: list[Prediction] = field(default_factory=list, repr=False)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Retry-After)
+    failure: Failure | None = field(default=None, repr=False)  # what an error reply answers
 
     @property
     def ok(self) -> bool:
@@ -123,7 +124,8 @@ class Service:
                 self.metrics.observe_state_unavailable(self.model.name, result.method or method)
             log.info("request -> %d %s: %s", result.status, result.code, result.message)
             headers = {"Retry-After": str(result.retry_after)} if result.retry_after is not None else {}
-            return Reply(result.status, result.body(), result.method or method, kind="error", headers=headers)
+            return Reply(result.status, result.body(), result.method or method, kind="error", headers=headers,
+                         failure=result)
         if isinstance(result, dict):  # state actions are counted in tta_state_actions only
             return Reply(200, result, method)
         outcome = "fallback" if any(p.extra.get("fallback") for p in result) else "ok"
@@ -203,11 +205,10 @@ class Service:
         return method if isinstance(method, str) and method else self.engine.default_method
 
     # --- running -----------------------------------------------------------------------------------
-    def _predict(self, request: Predict, started: float | None = None) -> Prediction:
-        deadline = None if started is None else self.budget.deadline(request.deadline_ms, start=started)
+    def _predict(self, request: Predict, started: float) -> Prediction:
         prediction = self.engine.predict(
             request.image, method=request.method, options=request.options, labels=request.labels,
-            top_k=request.top_k, seed=request.seed, deadline=deadline,
+            top_k=request.top_k, seed=request.seed, deadline=self.budget.deadline(request.deadline_ms, start=started),
         )
         return self._finish(request, prediction)
 
