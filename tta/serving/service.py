@@ -229,8 +229,9 @@ class Service:
             name, prediction.method, prediction.label, prediction.probs, prediction.zeroshot_probs,
             prediction.changed_by_adaptation, prediction.drift, custom_labels=custom_labels,
         )
-        if self.engine.method(prediction.method).scope == "stream":
-            m.observe_state(name, prediction.method, self.engine.state_summary(prediction.method))
+        impl = self.engine.method(prediction.method)
+        if impl.scope == "stream":  # the request already caught up with the log: no second round trip
+            m.observe_state(name, prediction.method, impl.local_summary())
         if "tier" in prediction.extra:
             m.observe_tier(name, prediction.method, str(prediction.extra["tier"]), bool(prediction.extra.get("escalated")))
 

@@ -146,6 +146,11 @@ class StreamStateMixin:
             raise BadRequest(f"cannot import {self.name} state: {exc}", code="bad_state") from exc
         self.host.load(scratch._export_with_meta())
 
+    def local_summary(self) -> dict[str, Any]:
+        """This replica's counts as they are, without catching up with the log: right after a
+        request (which already synced or committed) they are current, at no extra round trip."""
+        return self._summary()
+
     def state_summary(self) -> dict[str, Any]:
         available = self.host.sync()
         out = self._summary()
