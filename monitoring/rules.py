@@ -60,6 +60,8 @@ RECORDING: dict[str, str] = {
     "tta:state_unavailable:rate5m":
         "sum by (model, method) (rate(tta_state_unavailable_total[5m]))"
         " or 0 * sum by (model, method) (rate(tta_requests_total[5m]))",
+    "tta:state_rejected:increase15m":  # refusals that did not answer a client (imports answer 400 instead)
+        'sum by (model, method, source) (increase(tta_state_rejected_total{source=~"log|snapshot|request"}[15m]))',
     "tta:drift_embedding_shift:excess":
         "max by (model) (tta_drift_embedding_shift - tta_drift_embedding_shift_expected)",
     "tta:drift_class_divergence:excess":
@@ -112,6 +114,11 @@ ALERTS: tuple[Alert, ...] = (
           "stream state of {{ $labels.method }} on {{ $labels.model }} is unreachable",
           "{{ $value | humanize }} requests/s of {{ $labels.method }} could not reach their stream state over "
           "5 minutes (refused with 503, or answered zero-shot)."),
+    Alert("TTAStreamStateRejected", "tta:state_rejected:increase15m > 0", "0m", "warning",
+          "{{ $labels.method }} state on {{ $labels.model }} refused invalid content ({{ $labels.source }})",
+          "{{ $value | humanize }} {{ $labels.source }} item(s) of {{ $labels.method }} failed stream-state validation "
+          "over 15 minutes and were skipped (log entries, this replica's own operations) or refused (snapshots); "
+          "the state is unchanged by each. The worker log names the entry and the field and rule."),
     Alert("TTANoTraffic", "tta:requests:rate15m == 0", "15m", "warning",
           "{{ $labels.model }} received no requests for 30 minutes",
           "No request reached {{ $labels.model }} over the last 15 minutes, for 15 minutes "
