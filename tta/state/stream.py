@@ -12,6 +12,7 @@ before anything changes; a rejected one leaves the state as it was.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 
 from tta.state.host import StateHost, open_host
 from tta.state.schema import Record, StateRejected, Str, check_meta, validate
+
+log = logging.getLogger(__name__)
 
 STATE_UNAVAILABLE = "state_unavailable"
 
@@ -159,13 +162,18 @@ class StreamStateMixin:
         """Validate, then replace; should the import still fail, the previous state is put back."""
         self.validate_state(state)
         labels = state["meta"].get("labels")
-        before = self._export_state()
+        try:
+            before: dict[str, Any] | None = self._export_state()
+        except Exception:  # noqa: BLE001 - the current state is itself broken: an import is the way out
+            log.exception("%s: the current state does not export; replacing it", self.name)
+            before = None
         self._clear_state()
         try:
             self._import_state(state)
         except Exception as exc:  # noqa: BLE001 - a gap in the schema: refuse, keep what was there
             self._clear_state()
-            self._import_state(before)
+            if before is not None:
+                self._import_state(before)
             raise StateRejected("state", f"could not be applied ({type(exc).__name__}: {str(exc)[:200]})") from exc
         self._names = tuple(labels) if labels else self._names
 
