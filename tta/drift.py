@@ -192,7 +192,7 @@ def apply(state: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
         new["class_counts"] = loaded["class_counts"].clone()
         new["entropy_sum"], new["confidence_sum"] = float(loaded["entropy_sum"]), float(loaded["confidence_sum"])
         return new
-    raise ValueError(f"unknown drift operation {kind!r}")
+    raise StateRejected("kind", f"unknown drift operation {str(kind)[:40]!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ construction (a rule of the owner's schema forbids it), so a refusal is the only
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,7 +137,12 @@ def mutations(path: tuple, value: Any, classes: int) -> Iterator[tuple[str, Any]
     yield "wrong type", "poison"
     if isinstance(value, torch.Tensor):
         yield from _tensor_mutations(name, value, classes)
-    elif isinstance(value, bool):
+    else:
+        yield from _scalar_mutations(name, value, classes)
+
+
+def _scalar_mutations(name: str, value: Any, classes: int) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, bool):
         yield "bool as int", int(value)
     elif isinstance(value, int):
         yield "float for an int", value + 0.5
@@ -266,6 +272,16 @@ def _real_op(engine: Engine, owner: str) -> dict:
     return observe_op(feature.double(), 1, 0.5, 0.7)
 
 
+def _hand_written(op: dict, path: tuple, value: float) -> bytes:
+    """`op` on the wire with a NaN/Infinity JSON token at `path` (what `encode` itself never writes)."""
+    placeholder = 123456.789
+    data = encode(_set(op, path, placeholder))
+    (length,) = struct.unpack_from("<I", data)
+    header = data[4:4 + length].decode().replace(repr(placeholder), "NaN" if math.isnan(value) else
+                                                  ("Infinity" if value > 0 else "-Infinity"))
+    return struct.pack("<I", len(header)) + header.encode() + data[4 + length:]
+
+
 @pytest.mark.parametrize("owner", OWNERS)
 def test_the_real_operation_is_valid(engine: Engine, owner: str) -> None:
     engine.state_owner(owner).validate_op(decode(encode(_real_op(engine, owner))))
@@ -286,10 +302,15 @@ def test_a_mutated_log_entry_is_skipped_and_changes_nothing(engine: Engine, reje
         with pytest.raises(ValueError, match="malformed"):
             decode(encode(op)[:-case[2]])
         return
+    mutated = _apply_mutation(op, case) if case[1] != "truncated snapshot" else None
+    if isinstance(case[2], float) and not math.isfinite(case[2]):  # encode refuses these: write them by hand
+        with pytest.raises(ValueError, match="not a value an operation may carry"):
+            decode(_hand_written(mutated, case[0], case[2]))
+        return
     if case[1] == "truncated snapshot":
         entry = {"kind": "import", "state": dumps(before)[:-case[2]]}
     else:
-        entry = decode(encode(_apply_mutation(op, case)))  # through the wire form, as a replica reads it
+        entry = decode(encode(mutated))  # through the wire form, as a replica reads it
     assert impl.host._apply(entry, "log", "1700000000000-0") is False, case[:2]
     assert len(rejections) == count + 1 and rejections[-1].source == "log"
     assert rejections[-1].entry == "1700000000000-0"
@@ -326,3 +347,48 @@ def test_a_stream_method_failing_on_its_state_answers_zero_shot_flagged(engine: 
     finally:
         impl.pos.clear()
         engine.import_state("tda", before)
+
+
+def test_the_serving_edge_answers_400_naming_field_and_rule_and_counts_it(engine: Engine, probe: torch.Tensor) -> None:
+    """Through the real Service (JSON codec, admin credential, error mapping, metrics)."""
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from tta.metrics import ServingMetrics, sample_values
+    from tta.serving import codec
+    from tta.serving.admin import AdminAuth
+    from tta.serving.codec import ModelInfo
+    from tta.serving.service import Service, watch_state_rejections
+
+    metrics = ServingMetrics(CollectorRegistry())
+    unwatch = watch_state_rejections(metrics, "m")
+    service = Service(engine, metrics, ModelInfo("m", "1.0", "tiny-random"), admin=AdminAuth(token="t" * 24))
+    headers = {"content-type": "application/json", "x-tta-admin-token": "t" * 24}
+    try:
+        exported = codec.encode_state(engine.export_state("tda"))
+        keys = exported["positive"]["keys"]
+        for bad, field in (({**keys, "shape": [-1, keys["shape"][1]]}, "positive.keys"),
+                           ({**keys, "__tensor__": "object"}, "positive.keys")):
+            state = {**exported, "positive": {**exported["positive"], "keys": bad}}
+            reply = service.handle(json.dumps({"action": "import", "method": "tda", "state": state}).encode(), headers)
+            assert reply.status == 400 and reply.body["error"] == "bad_state" and field in reply.body["message"]
+        nan_scores = codec.encode_state(torch.full_like(engine.export_state("tda")["positive"]["scores"], math.nan))
+        state = {**exported, "positive": {**exported["positive"], "scores": nan_scores}}
+        reply = service.handle(json.dumps({"action": "import", "method": "tda", "state": state}).encode(), headers)
+        assert reply.status == 400 and reply.body["message"] == (
+            "cannot import tda state: positive.scores: values must be finite (no NaN or infinity)")
+        text = metrics.render().decode()
+        assert sum(sample_values(text, "tta_state_rejected_total", {"method": "tda", "source": "import"})) == 1
+        import base64
+
+        from tta.testing.hostile import encode as encode_image
+        from tta.testing.hostile import photo
+
+        before = engine.export_state("tda")
+        answer = service.handle(json.dumps({"image": base64.b64encode(encode_image(photo(), "JPEG")).decode(),
+                                            "method": "tda"}).encode(), headers)
+        assert answer.status == 200 and "fallback" not in answer.body
+        engine.import_state("tda", before)
+    finally:
+        unwatch()
