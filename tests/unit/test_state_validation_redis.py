@@ -96,7 +96,9 @@ def test_two_replicas_skip_a_poisoned_log_alike_and_refuse_a_poisoned_snapshot(t
             assert again.label == answer.label and torch.equal(again.probs, answer.probs)
             a.import_state("tda", before)
 
-            # a poisoned snapshot in Redis, at the replicas' offset: a replica starting now refuses it
+            # a poisoned snapshot in Redis, at the replicas' offset: a replica starting now refuses it (one
+            # behind the snapshot would have to adopt it too, and would start empty the same way)
+            assert b.method("tda").host.sync()
             snap_key = f"{key_prefix(deployment, 'tda')}:snap"
             last = a.method("tda").host.last_id
             bad = dumps({"meta": before["meta"], **_poisoned(before)})
