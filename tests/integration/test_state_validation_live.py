@@ -2,7 +2,8 @@
 admin credential would make them: export the state, change one field, import it back.
 
 Each tampered import answers 400 ``bad_state`` naming the field, is counted in
-``tta_state_rejected_total{source="import"}``, and the next `tda` prediction answers 200 exactly
+``tta_state_rejected_total{source="import"}`` (the ``[-1, 64]`` shape is refused earlier, by the
+JSON codec, as a malformed tensor), and the next `tda` prediction answers 200 exactly
 as it did before (the state is unchanged). Before validation, the first two rows answered 500 on
 every later prediction and the NaN row silently degraded the answers.
 """
@@ -77,5 +78,6 @@ def test_tampered_imports_are_refused_and_answers_stay_the_same(server: TorchSer
         assert reply.status_code == 200, (attempt, reply.text)
         body = reply.json()
         assert {"label": body["label"], "top_k": body["top_k"], "fallback": body.get("fallback")} == before, attempt
-    assert _rejected(server) >= counted + len(TAMPERING)
+    # the [-1, 64] shape never reaches the state: the JSON codec refuses the declaration (also 400 bad_state)
+    assert _rejected(server) >= counted + len(TAMPERING) - 1
     assert post_json(server, {"action": "reset", "method": "tda"}).status_code == 200

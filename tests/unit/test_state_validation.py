@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from tta.drift import DriftConfig, observe_op
 from tta.engine import Engine
 from tta.errors import BadRequest
+from tta.methods.base import get_method_class, list_methods
 from tta.state import StateConfig, configure, dumps, on_rejected
 from tta.state.ops import decode, encode
 from tta.text import LabelSet
@@ -225,6 +226,24 @@ def _state_cases(engine: Engine, owner: str) -> list:
     if owner not in ALL_STATE_CASES:
         ALL_STATE_CASES[owner] = _cases(engine.export_state(owner), len(LABELS))
     return ALL_STATE_CASES[owner]
+
+
+STREAM_METHODS = [name for name in list_methods() if get_method_class(name).scope == "stream"]
+
+
+@pytest.mark.parametrize("method", STREAM_METHODS)
+def test_every_registered_stream_method_declares_what_its_state_may_hold(engine: Engine, method: str) -> None:
+    """A new stream method gets validated by declaring its fields; its own export must pass them."""
+    impl = engine.method(method)
+    exported = engine.export_state(method)
+    impl.validate_state(exported)  # NotImplementedError names the missing declaration
+    assert impl._op_schemas(), f"{method} declares no operations"
+    engine.import_state(method, exported)
+    assert same(engine.export_state(method), exported)
+
+
+def test_every_stream_method_is_mutated_here() -> None:
+    assert set(STREAM_METHODS) <= set(OWNERS), "add the new stream method to OWNERS, DEFAULTS and _real_op"
 
 
 @pytest.mark.parametrize("owner", OWNERS)

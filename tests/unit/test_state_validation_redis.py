@@ -92,6 +92,9 @@ def test_two_replicas_skip_a_poisoned_log_alike_and_refuse_a_poisoned_snapshot(t
             text = metrics.render().decode()
             assert sum(sample_values(text, "tta_state_rejected_total", {"method": "tda", "source": "log"})) == 8
             assert f"log entry {ids[0]} refused: cls" in caplog.text
+            length = client.xlen(log_key)  # this replica's own invalid operation never reaches the log
+            assert a.method("tda").host.commit({**good, "feature": torch.full_like(good["feature"], math.inf)})
+            assert client.xlen(log_key) == length and a.method("tda").host.stats.rejected == {"log": 4, "request": 1}
             again = b.predict(probe, method="tda")  # the next prediction, on the other replica: as before
             assert again.label == answer.label and torch.equal(again.probs, answer.probs)
             a.import_state("tda", before)

@@ -321,8 +321,9 @@ class TFUP(StreamStateMixin, Method):
 
 def _cache_layout(cache: Any, dims: dict[str, int]) -> str | None:
     """A rebuilt cache holds `shots` entries of every class, in class order (`TFUP.rebuild`)."""
-    shots, classes = int(cache["shots"]), cache["classes"]
-    n_classes = dims.get("C", int(classes.max()) + 1 if classes.numel() else 0)
+    if "C" not in dims:  # library use before any label set is bound: nothing to compare with
+        return None
+    shots, classes, n_classes = int(cache["shots"]), cache["classes"], dims["C"]
     if not torch.equal(classes, torch.arange(n_classes).repeat_interleave(shots)):
         return f"classes must be each of the {n_classes} classes {shots} times (shots), in order"
     return None

@@ -139,19 +139,11 @@ class StateHost:
     def commit(self, op: Op) -> bool:
         """Append `op` to the log and apply it (after every earlier op); False = queued, not applied yet.
 
-        An operation the owner refuses (`validate_op`) is never appended: counted (source
-        ``request``), logged, and the host just catches up.
+        An operation the owner refuses is not applied (in-process backends validate it as they
+        apply it) and never appended to a shared log (`admit`): counted (source ``request``), logged.
         """
         with self._lock:
             self.start()
-            validate = getattr(self.owner, "validate_op", None)
-            if validate is not None and op.get("kind") not in HOST_KINDS:
-                try:
-                    validate(op)
-                except StateRejected as exc:
-                    self.reject("request", exc)
-                    self.available = self._sync()
-                    return self.available
             self.available = self._commit(op)
             return self.available
 
@@ -215,6 +207,18 @@ class StateHost:
             self.reject(source, exc, entry, "skipped; the state is unchanged")
             return False
         self.stats.applied += 1
+        return True
+
+    def admit(self, op: Mapping[str, Any]) -> bool:
+        """Before an operation goes to a shared log: False (refusal counted) when the owner refuses it."""
+        validate = getattr(self.owner, "validate_op", None)
+        if validate is None or op.get("kind") in HOST_KINDS:
+            return True
+        try:
+            validate(op)
+        except StateRejected as exc:
+            self.reject("request", exc, outcome="not appended to the log")
+            return False
         return True
 
     def _restore(self, state: Mapping[str, Any] | None, where: str, keep: Callable[[StateRejected], str | None] | None = None,

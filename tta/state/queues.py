@@ -164,7 +164,7 @@ class ClassQueues:
         classes, seqs = state["classes"], state["seqs"]
         if classes.numel() > self.max_total:
             return f"{classes.numel()} entries, this deployment holds at most {self.max_total}"
-        if classes.numel() and int(torch.bincount(classes).max()) > self.per_class:
+        if classes.numel() and int(torch.unique(classes, return_counts=True)[1].max()) > self.per_class:
             return f"a class holds more than {self.per_class} entries (this deployment's per-class capacity)"
         if seqs.numel():
             if torch.unique(seqs).numel() != seqs.numel():

@@ -184,6 +184,8 @@ class RedisHost(StateHost):
         return self._exchange()
 
     def _commit(self, op: Op) -> bool:
+        if not self.admit(op):  # what this replica refuses never reaches the others
+            return self._exchange()
         self._seq += 1
         self.pending[f"{self._replica}-{self._seq}"] = (encode(op), op)
         while len(self.pending) > self.config.max_pending:

@@ -71,11 +71,13 @@ class StreamStateMixin:
 
     def _state_schema(self) -> Record:
         """The fields of `_export_state()` (without ``meta``), as a `tta.state.schema.Record`."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares no _state_schema(): nothing may enter its state "
+                                  "unchecked (tta/state/schema.py says how to declare it)")
 
     def _op_schemas(self) -> dict[str, Record]:
         """One `Record` per operation kind this method commits (the ``kind`` field is implied)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares no _op_schemas(): nothing may enter its state "
+                                  "unchecked (tta/state/schema.py says how to declare it)")
 
     def _schema_dims(self) -> dict[str, int]:
         """Named dimensions of the schemas: ``d`` (embed_dim) and ``C`` (the deployment's labels)."""
