@@ -41,6 +41,7 @@ DEFAULTS = {
 }
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+IMPORT_SETTINGS = settings(SETTINGS, max_examples=20)  # each example: three imports and a prediction
 
 # Which rules a field has (by its name), so that only mutations its schema forbids are drawn.
 NONNEGATIVE = {"scores", "classes", "seqs", "next_seq", "updates", "counters", "values", "shots", "class_counts",
@@ -255,7 +256,7 @@ def test_every_owner_has_non_empty_state_to_mutate(engine: Engine, owner: str) -
 
 
 @pytest.mark.parametrize("owner", OWNERS)
-@SETTINGS
+@IMPORT_SETTINGS
 @given(data=st.data())
 def test_a_mutated_import_is_refused_and_changes_nothing(engine: Engine, probe: torch.Tensor, rejections: list,
                                                          owner: str, data: st.DataObject) -> None:
