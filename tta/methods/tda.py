@@ -94,12 +94,6 @@ def max_entropy(dims: dict[str, int]) -> float | None:
     return math.log(dims["C"]) + 1e-4 if "C" in dims else None
 
 
-def _entries_within_updates(state: Any, dims: dict[str, int]) -> str | None:
-    """Every cached entry arrived with an update that changed a cache (and was counted)."""
-    held = max(state["positive"]["classes"].numel(), state["negative"]["classes"].numel())
-    return None if held <= state["updates"] else f"updates ({state['updates']}) must be >= the entries of each cache ({held})"
-
-
 def _probs_iff_negative(op: Any, dims: dict[str, int]) -> str | None:
     return None if (op.get("probs") is not None) == bool(op["neg"]) else "probs must be given exactly when neg is true"
 
@@ -138,7 +132,7 @@ class TDA(StreamStateMixin, Method):
     def _state_schema(self) -> Record:
         probs = Tensor(("n", "C"), low=0.0, high=1.0 + PROB_TOLERANCE)
         return Record(positive=self.pos.schema(score_high=max_entropy), negative=self.neg.schema(
-            value=probs, score_high=max_entropy), updates=Int(low=0), checks=(_entries_within_updates,))
+            value=probs, score_high=max_entropy), updates=Int(low=0))
 
     def _op_schemas(self) -> dict[str, Record]:
         return {"update": Record(cls=class_index(), loss=Float(0.0, max_entropy), pos=Bool(), neg=Bool(),

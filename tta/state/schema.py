@@ -38,7 +38,18 @@ tensors must have exactly the declared dtype (float32 unless given), floats must
 `ClassQueues.schema` does for sequence numbers and per-class caps. Bounds may be numbers, or
 callables of the dims (``lambda dims: math.log(dims["C"])``). A field that is not declared cannot
 enter the state, so a new method gets validated by declaring its fields, and gets a clear 400
-instead of an outage when it forgets one.
+instead of an outage when it forgets one. A method without the two declarations cannot apply an
+operation or import a state at all (NotImplementedError naming them; a stream prediction then
+answers zero-shot flagged ``state_invalid``), and the contract test
+``tests/unit/test_state_validation.py::test_every_registered_stream_method_declares_what_its_state_may_hold``
+fails for it, as does the property test's check that it is in the mutated ``OWNERS``. Values that
+must be exact for bit-identical replicas (a queue's ``seqs``, an entry's dtype) are never coerced:
+what does not match is refused, not repaired.
+
+Checklist for a new owner: every tensor with its shape in named dims and its dtype; features as
+`unit_rows` (CLIP features are normalised, so norm <= 1 also bounds "huge"); every class index
+with `class_index`; every score/probability with its range; every counter `Int(low=0)` plus a
+`checks` function for relations between counters; request options as `Opts(self.defaults)`.
 
 An owner that is not a `StreamStateMixin` (the drift reference) calls `validate(spec, value, dims)`
 itself, first thing in `apply` and `restore`.
