@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 RULES_FILE = REPO / "monitoring" / "prometheus" / "clip-tta-rules.yml"
 PROMETHEUS_RULE = REPO / "k8s" / "components" / "monitoring" / "prometheusrule.yaml"
 DASHBOARD = REPO / "k8s" / "components" / "monitoring" / "dashboards" / "clip-tta-drift.json"
-RUNBOOK = "README.md#runbook-"  # + alert name in lower case: the README's runbook headings
+RUNBOOK = "docs/monitoring/alerts.md#runbook-"  # + alert name in lower case: the runbook headings of that page
 
 # Methods answered from a cache or a closed form (one encoder pass); the rest run many views/steps.
 LIGHT_METHODS = "zeroshot|tda|tfup|gda"
@@ -171,7 +171,7 @@ class Panel:
     targets: tuple[tuple[str, str], ...]  # (expr, legend)
     unit: str = "short"
     threshold: float | None = None
-    main: bool = False  # drawn in the README picture
+    main: bool = False  # drawn in the dashboard picture (docs/img/drift-dashboard.png)
 
 
 PANELS: tuple[Panel, ...] = (
