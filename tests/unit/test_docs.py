@@ -20,8 +20,9 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 MKDOCS_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
 # Commands of other tools that the docs may name; anything else must be this repository's.
 EXTERNAL = {
-    "apt-get", "base64", "buildah", "cat", "cd", "curl", "docker", "echo", "export", "helm", "kubectl",
-    "kustomize", "mkdir", "sudo", "torchserve",
+    "apt-get", "base64", "buildah", "cat", "cd", "curl", "docker", "echo", "export", "git", "grep", "helm",
+    "jq", "kill", "kubectl", "kustomize", "ls", "mkdir", "mmdebstrap", "nvidia-smi", "prometheus", "promtool",
+    "redis-cli", "redis-server", "sleep", "sudo", "tar", "torchserve",
 }
 EXTERNAL_MODULES = {"pip", "venv"}  # `python3 -m pip install uv`: the system interpreter's pip
 UV_RUN_FLAGS_WITH_VALUE = {"--extra", "--group", "--with"}
