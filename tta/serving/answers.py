@@ -132,7 +132,7 @@ class AnswerMemory:
 
     @staticmethod
     def _label_set_key(labels: Sequence[str]) -> str:
-        return hashlib.blake2b("\x00".join(labels).encode("utf-8"), digest_size=16).hexdigest()
+        return hashlib.blake2b("\x00".join(labels).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
     def _drop(self, answer_id: str, evicted: bool) -> None:
         answer = self._entries.pop(answer_id)

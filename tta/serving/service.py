@@ -221,7 +221,10 @@ class Service:
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
         prediction.timings_ms = timings
         self._observe(prediction, custom_labels=request.labels is not None)
-        prediction.answer_id = self._remember(prediction)
+        try:
+            prediction.answer_id = self._remember(prediction)
+        except Exception:  # noqa: BLE001 - bookkeeping for later labels never fails an answer
+            log.exception("answer not remembered; it goes out without an id")
         return prediction
 
     def _remember(self, prediction: Prediction) -> str:
