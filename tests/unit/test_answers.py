@@ -23,7 +23,7 @@ from tta.text import LabelSet
 LABELS = ["cat", "dog", "car", "rocket", "cup"]
 ADMIN = {"x-tta-admin-token": "t"}
 
-# What one remembered answer may cost (CPython 3.12, 64-bit), measured below with tracemalloc:
+# What one remembered answer may cost (64-bit CPython; 273 B measured on 3.11), measured below with tracemalloc:
 # the 37-character id, the slotted entry, its float time and the ordered-dict node.
 MAX_ENTRY_BYTES = 400
 
