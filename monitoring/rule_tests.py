@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from monitoring.rules import ALERTS, LABELLED, RULES_FILE
+from monitoring.rules import ALERTS, LABELLED, RULES_FILE, RUNBOOK
 
 TESTS_FILE = RULES_FILE.with_name("clip-tta-rules.test.yml")
 A = {a.name: a for a in ALERTS}
@@ -34,7 +34,7 @@ def exp(name: str, labels: dict[str, str], value: str) -> dict[str, Any]:
     return {"exp_labels": {**labels, "severity": alert.severity, "component": "clip-tta"},
             "exp_annotations": {"summary": expand(alert.summary, labels, value),
                                 "description": expand(alert.description, labels, value),
-                                "runbook_url": alert.runbook_url}}
+                                "runbook_url": RUNBOOK + name.lower()}}
 
 
 def bucket(model: str, method: str, le: str, values: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ def test_prometheus_rule_holds_the_same_groups() -> None:
 
 
 def test_alerts_are_documented_and_carry_their_value() -> None:
-    def anchors(page: str) -> set[str]:
+    def anchors(page: str) -> set[str]:  # heading ids as MkDocs' toc extension makes them
         text = (rules.REPO / page).read_text()
         return {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
                 for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}

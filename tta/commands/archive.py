@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TTA_DRIFT_WINDOW wins (default: %(default)s)")
     parser.add_argument("--answers-max-entries", type=int, default=10_000,
                         help="answers each worker remembers for labels sent later by answer id (0: none; "
-                             "docs/labelled-answers.md) (default: %(default)s)")
+                             "docs/monitoring/labelled-answers.md) (default: %(default)s)")
     parser.add_argument("--answers-ttl", type=float, default=86_400.0,
                         help="seconds an answer stays labellable (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")

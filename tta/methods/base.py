@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
@@ -157,6 +157,12 @@ class Method(ABC):
     # True: a label sent later for one of its answers (by answer id) can teach it, given that answer's
     # original-view image feature, so the server remembers that feature with the answer (4*d bytes).
     learns_from_answers: ClassVar[bool] = False
+    # True when the method handles `MethodInput.deadline` itself (zero-shot is the fallback; `auto`
+    # stops escalating); otherwise the engine answers zero-shot once the deadline has passed.
+    manages_own_deadline: ClassVar[bool] = False
+    # Hyper-parameter candidates an offline evaluation may choose from on a validation split
+    # (`tta eval --features ... --tune`), option name -> values; never chosen on test.
+    val_grid: ClassVar[Mapping[str, Sequence[Any]]] = {}
 
     def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
         self.clip = clip
@@ -186,6 +192,26 @@ class Method(ABC):
             return make_views(request.image, clip.image_size, clip.mean, clip.std, spec,
                               generator=generator, device=clip.device)
         return None
+
+    def feature_input_reason(self, options: MethodOptions) -> str | None:
+        """Why this method cannot answer from the original view's embedding alone (None: it can).
+
+        Derived from `batch_encoding`; a method whose first views are not all it encodes overrides it.
+        """
+        if self.batch_encoding == "original":
+            return None
+        n_views = int(getattr(options, "n_views", 1))
+        if self.batch_encoding == "views" and n_views == 1:
+            return None
+        if self.batch_encoding == "views":
+            return f"{self.name} encodes {n_views} augmented views of the pixels (n_views > 1)"
+        return f"{self.name} needs the image's pixels (it encodes views or generated images of it)"
+
+    def bind_engine(self, lookup: Callable[[str], Method]) -> None:
+        """Hook: the engine's method lookup, for a method that runs others (`auto`'s stream tier)."""
+
+    def bind_deployment(self, names: Sequence[str], text: Callable[[], torch.Tensor]) -> None:
+        """Hook: the deployment's labels and text classifier (stream state replays operations with them)."""
 
     def reset(self) -> None:
         """Return to the initial state (episodic methods have none to drop)."""

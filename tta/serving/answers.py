@@ -20,7 +20,7 @@ answer's time, so an id this worker does not hold gets the precise 4xx: older th
 worker process or an earlier run of this one (404 ``answer_elsewhere``), or never issued
 (404 ``answer_unknown``). Workers share nothing: TorchServe hands a request to any worker of the
 model, so with several workers a label reaches the answering one with probability 1/workers;
-see docs/labelled-answers.md for what a client does about it.
+see docs/monitoring/labelled-answers.md for what a client does about it.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class AnswerMemory:
             return AnswerNotFound(
                 f"answer {answer_id} was given by another worker process (or an earlier run of this one); "
                 f"each worker remembers only its own answers and this one is {self.worker}: send the label "
-                f"again (the server picks a worker per request) or see docs/labelled-answers.md",
+                f"again (the server picks a worker per request) or see docs/monitoring/labelled-answers.md",
                 code="answer_elsewhere")
         return AnswerGone(f"answer {answer_id} was evicted: this worker remembers at most {self.max_entries} answers "
                           f"(and {self.max_label_sets} request label sets); label answers sooner or raise "
