@@ -38,6 +38,19 @@ RUNBOOK = "docs/monitoring/alerts.md#runbook-"  # + alert name in lower case: th
 # Methods answered from a cache or a closed form (one encoder pass); the rest run many views/steps.
 LIGHT_METHODS = "zeroshot|tda|tfup|gda"
 
+# Labelled answers (tta_labelled_answers_total, labels clients send later by answer id): a sign
+# test on the discordant pairs of a sliding window. Gains G: served right, zero-shot wrong; losses
+# L: zero-shot right, served wrong (pairs where both agree say nothing about the difference). If
+# the served answers are no worse than zero-shot, a discordant pair is a loss with probability at
+# most 1/2, so L ~ Binomial(G + L, 1/2) at worst. The alert is the one-sided test in its
+# continuity-corrected normal form, z = (L - G - 1) / sqrt(G + L) > Z, once G + L >= MIN_PAIRS
+# (McNemar's test, one-sided). bench/labelled_alert.py measures what this rule, evaluated every
+# minute over the sliding window with its `for:`, fires on streams where served == zero-shot.
+# z 3.72: one-sided alpha 1e-4 per look; 3.09 (1e-3) fired ~0.3 times a month per method on null streams.
+LABELLED = {"window": "6h", "min_pairs": 30, "z": 3.72, "for": "30m"}
+_W = LABELLED["window"]
+_ANSWERS = "tta_labelled_answers_total"
+
 # --------------------------------------------------------------------------------------------
 # Recording rules: every alert compares one of these with a threshold, so the live test can check
 # that each signal exists (returns series) on real scraped data, apart from whether it fires.
@@ -69,6 +82,17 @@ RECORDING: dict[str, str] = {
     "tta:adaptation_changed:ratio_15m":
         "sum by (model, method) (rate(tta_adaptation_changed_total[15m]))"
         ' / sum by (model, method) (rate(tta_requests_total{outcome=~"ok|fallback"}[15m]))',
+    # labelled answers: counts over the window, the accuracy difference, the sign-test statistic
+    f"tta:labelled_answers:increase{_W}": f"sum by (model, method) (increase({_ANSWERS}[{_W}]))",
+    f"tta:labelled_gains:increase{_W}":
+        f'sum by (model, method) (increase({_ANSWERS}{{zeroshot_correct="false",served_correct="true"}}[{_W}]))',
+    f"tta:labelled_losses:increase{_W}":
+        f'sum by (model, method) (increase({_ANSWERS}{{zeroshot_correct="true",served_correct="false"}}[{_W}]))',
+    f"tta:labelled_gain:ratio_{_W}":  # served accuracy minus zero-shot accuracy on the same answers
+        f"(tta:labelled_gains:increase{_W} - tta:labelled_losses:increase{_W}) / tta:labelled_answers:increase{_W}",
+    f"tta:labelled_losses:sign_z_{_W}":
+        f"(tta:labelled_losses:increase{_W} - tta:labelled_gains:increase{_W} - 1)"
+        f" / sqrt(tta:labelled_losses:increase{_W} + tta:labelled_gains:increase{_W})",
 }
 
 
@@ -88,6 +112,7 @@ class Alert:
 THRESHOLDS = {
     "latency_light_s": 1.0, "latency_heavy_s": 15.0, "server_errors": 0.05, "fallbacks": 0.2,
     "embedding_excess": 0.05, "class_excess": 0.1, "entropy_abs": 0.1, "changed": 0.3,
+    "labelled_z": LABELLED["z"],
 }
 T = THRESHOLDS
 
@@ -177,6 +202,29 @@ ALERTS: tuple[Alert, ...] = (
               "Adaptation now overrides zero-shot often: inspect the method's state (`{\"action\": \"state\"}`: a "
               "cache full of one class means it was poisoned by a one-sided stream) and reset it; compare with the "
               "drift panels: with drift, the overrides may be right - check accuracy on labelled feedback.")),
+    Alert("TTAAdaptationWorseThanZeroShot",
+          f"tta:labelled_losses:sign_z_{_W} > {LABELLED['z']}"
+          f" and (tta:labelled_gains:increase{_W} + tta:labelled_losses:increase{_W}) >= {LABELLED['min_pairs']}",
+          LABELLED["for"], "warning",
+          "{{ $labels.method }} answers are worse than zero-shot on labelled answers of {{ $labels.model }}",
+          f"Over the last {_W} of labels sent for earlier answers, {{{{ $labels.method }}}} got more answers wrong "
+          "that zero-shot got right than the reverse: sign-test z = {{ $value | humanize }} "
+          f"> {LABELLED['z']} (one-sided, alpha 1e-4 per evaluation) on at least {LABELLED['min_pairs']} "
+          "discordant pairs; see the panel \"Adaptation gain on labelled answers\".",
+          threshold=T["labelled_z"],
+          runbook=(
+              "On the labels clients sent back over the window, the method broke significantly more right zero-shot "
+              "answers than it fixed (the rule and its false-alarm rate: [Labelled answers](labelled-answers.md)).\n\n"
+              "1. Confirm on the panel \"Adaptation gain on labelled answers\" and check how many discordant pairs "
+              "the test saw (`tta:labelled_gains:increase6h`, `tta:labelled_losses:increase6h`); one replica or all "
+              "(`sum by (pod)` of `tta_labelled_answers_total`).\n"
+              "2. Stop the harm: send traffic to `zeroshot` or make it the default method; for a stream method "
+              "inspect its state (`{\"action\": \"state\"}`; a cache or support set dominated by one class means a "
+              "one-sided stream or poisoned feedback), `export` it for later study, then `reset` it.\n"
+              "3. Find the cause: drift alerts or a changed class mix (the input moved away from what the method "
+              "adapted to); for GDA, wrong labels sent as feedback; a changed `method_defaults`.\n"
+              "4. Check the labels: a client that labels only some kinds of answers biases the comparison.\n\n"
+              "The alert clears once the window no longer holds the bad pairs; no counter needs resetting.")),
 )
 
 
@@ -252,6 +300,14 @@ PANELS: tuple[Panel, ...] = (
     Panel("Answers changed by adaptation", (
         ("tta:adaptation_changed:ratio_15m", "{{method}}"),
     ), unit="percentunit", threshold=T["changed"]),
+    Panel(f"Adaptation gain on labelled answers (served minus zero-shot accuracy, {_W})", (
+        (f"tta:labelled_gain:ratio_{_W}", "{{method}} {{model}}"),
+    ), unit="percentunit"),
+    Panel(f"Labelled answers: discordant pairs and the worse-than-zero-shot test ({_W})", (
+        (f"tta:labelled_gains:increase{_W}", "served right, zero-shot wrong {{method}}"),
+        (f"tta:labelled_losses:increase{_W}", "zero-shot right, served wrong {{method}}"),
+        (f"tta:labelled_losses:sign_z_{_W}", "sign-test z {{method}} (alert above the line)"),
+    ), threshold=T["labelled_z"]),
     Panel("Drift reference and window fill (images)", (
         ("max by (model) (tta_drift_reference_samples)", "reference {{model}}"),
         ("max by (model) (tta_drift_window_samples)", "window {{model}}"),
