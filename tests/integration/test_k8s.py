@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -45,7 +47,8 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
         kind = doc["kind"]
         if kind in ("ConfigMap", "Secret"):
             kind = f"{kind}/{doc['metadata']['name'].rsplit('-', 1)[0]}"
-        elif kind in ("Service", "NetworkPolicy", "StatefulSet") and doc["metadata"]["name"] != "clip-tta":
+        elif kind in ("Service", "NetworkPolicy", "StatefulSet", "PodDisruptionBudget", "PersistentVolumeClaim",
+                      "Job") and doc["metadata"]["name"] not in ("clip-tta", "clip-tta-data"):
             kind = f"{kind}/{doc['metadata']['name']}"
         assert kind not in out, f"two {kind} documents"
         out[kind] = doc
@@ -106,6 +109,12 @@ def containers(pod: dict) -> list[dict]:
     return pod.get("initContainers", []) + pod["containers"]
 
 
+def redis_args(statefulset: dict) -> list[str]:
+    """redis-server's options from the StatefulSet's start script (`... exec redis-server FILE --opt v ...`)."""
+    script = statefulset["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    return shlex.split(script.split("exec redis-server", 1)[1])[1:]
+
+
 # --- schemas -------------------------------------------------------------------------------------------
 def test_builtin_kinds_validate_strictly(overlay: tuple[str, list[dict]], kserve: list[dict]) -> None:
     import kubernetes_validate
@@ -118,7 +127,7 @@ def test_builtin_kinds_validate_strictly(overlay: tuple[str, list[dict]], kserve
         kubernetes_validate.validate(doc, version, strict=True)
         checked.add(doc["kind"])
     assert {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-            "StatefulSet", "Secret", "ConfigMap"} <= checked
+            "StatefulSet", "ConfigMap", "Job", "PersistentVolumeClaim"} <= checked
 
 
 def test_custom_resources_have_their_required_fields(manifests: dict[str, dict], kserve: list[dict]) -> None:
@@ -158,8 +167,8 @@ def test_only_the_gpu_overlay_asks_for_a_gpu(rendered: dict[str, dict[str, dict]
 
     assert gpus(rendered["gpu"]) == [None, 1] and gpus(rendered["cpu"]) == [None, None]
     gpu_pod, cpu_pod = (rendered[o]["Deployment"]["spec"]["template"]["spec"] for o in ("gpu", "cpu"))
-    assert any(t["key"] == "nvidia.com/gpu" for t in gpu_pod["tolerations"]) and gpu_pod["nodeSelector"]
-    assert "tolerations" not in cpu_pod and "nodeSelector" not in cpu_pod
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu_pod["tolerations"])
+    assert "tolerations" not in cpu_pod
     device = {o: {e["name"]: e.get("value") for e in rendered[o]["Deployment"]["spec"]["template"]["spec"]
                   ["initContainers"][0]["env"]}["DEVICE_TYPE"] for o in OVERLAYS}
     assert device == {"gpu": "gpu", "cpu": "cpu"}
@@ -167,7 +176,7 @@ def test_only_the_gpu_overlay_asks_for_a_gpu(rendered: dict[str, dict[str, dict]
 
 def test_no_container_runs_as_root(overlay: tuple[str, list[dict]], kserve: list[dict]) -> None:
     pods = list(pod_specs(overlay[1] + kserve))
-    assert len(pods) == 3  # clip-tta, its Redis, the InferenceService
+    assert len(pods) == 5  # clip-tta, its Redis, the weights Job (overlay and KServe), the InferenceService
     for name, pod in pods:
         pod_ctx = pod.get("securityContext", {})
         for container in containers(pod):
@@ -221,12 +230,20 @@ def test_images_are_pinned_by_tag(overlay: tuple[str, list[dict]], kserve: list[
 
 def test_with_redis_replicas_share_state_and_roll(manifests: dict[str, dict]) -> None:
     deployment = manifests["Deployment"]
-    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    ref = env["TTA_STATE_URL"]["valueFrom"]["secretKeyRef"]
-    secret = manifests["Secret/clip-tta-state"]
-    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    url = urlparse(env["TTA_STATE_URL"]["value"])
+    assert url.scheme == "redis" and url.password is None  # no secret in the URL
+    assert f"Service/{url.hostname}" in manifests and url.port == 6379
     redis = manifests["StatefulSet/clip-tta-redis"]
-    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    # one Secret, two readers: clip-tta's password file and redis-server's requirepass
+    password_file = Path(env["TTA_STATE_PASSWORD_FILE"]["value"])
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(password_file.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    redis_pod = redis["spec"]["template"]["spec"]
+    assert volume["secret"]["secretName"] in {v.get("secret", {}).get("secretName") for v in redis_pod["volumes"]}
+    assert str(password_file) in redis_pod["containers"][0]["args"][0]
+    args = redis_args(redis)
     assert args[args.index("--appendonly") + 1] == "yes" and redis["spec"]["volumeClaimTemplates"]
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
                                               "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
