@@ -330,7 +330,7 @@ def test_image_serves_with_a_read_only_root_and_the_manifests_mounts(image: str,
     processes: list[subprocess.Popen] = []
     try:
         root = Path(buildah("mount", ctr))
-        config = json.loads(buildah("inspect", "--format", "{{json .OCIv1.Config}}", ctr))
+        config = json.loads(buildah("inspect", "--type", "image", image))["OCIv1"]["config"]
         image_env = dict(e.split("=", 1) for e in config.get("Env", []))
         runner = Pod(root, pod, pod_volumes(pod, docs, tmp_path), image_env, config.get("WorkingDir") or "/", mark)
         extra = {"/labels": labels_dir}
