@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
@@ -154,6 +154,15 @@ class Method(ABC):
     # encode a whole batch in shared passes: "original" (the resize + center-crop view),
     # "views" (`make_views` with the options' n_views/augmix and the request's seed), or "none".
     batch_encoding: ClassVar[Literal["none", "original", "views"]] = "none"
+    # True: a label sent later for one of its answers (by answer id) can teach it, given that answer's
+    # original-view image feature, so the server remembers that feature with the answer (4*d bytes).
+    learns_from_answers: ClassVar[bool] = False
+    # True when the method handles `MethodInput.deadline` itself (zero-shot is the fallback; `auto`
+    # stops escalating); otherwise the engine answers zero-shot once the deadline has passed.
+    manages_own_deadline: ClassVar[bool] = False
+    # Hyper-parameter candidates an offline evaluation may choose from on a validation split
+    # (`tta eval --features ... --tune`), option name -> values; never chosen on test.
+    val_grid: ClassVar[Mapping[str, Sequence[Any]]] = {}
 
     def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
         self.clip = clip
@@ -184,6 +193,26 @@ class Method(ABC):
                               generator=generator, device=clip.device)
         return None
 
+    def feature_input_reason(self, options: MethodOptions) -> str | None:
+        """Why this method cannot answer from the original view's embedding alone (None: it can).
+
+        Derived from `batch_encoding`; a method whose first views are not all it encodes overrides it.
+        """
+        if self.batch_encoding == "original":
+            return None
+        n_views = int(getattr(options, "n_views", 1))
+        if self.batch_encoding == "views" and n_views == 1:
+            return None
+        if self.batch_encoding == "views":
+            return f"{self.name} encodes {n_views} augmented views of the pixels (n_views > 1)"
+        return f"{self.name} needs the image's pixels (it encodes views or generated images of it)"
+
+    def bind_engine(self, lookup: Callable[[str], Method]) -> None:
+        """Hook: the engine's method lookup, for a method that runs others (`auto`'s stream tier)."""
+
+    def bind_deployment(self, names: Sequence[str], text: Callable[[], torch.Tensor]) -> None:
+        """Hook: the deployment's labels and text classifier (stream state replays operations with them)."""
+
     def reset(self) -> None:
         """Return to the initial state (episodic methods have none to drop)."""
 
@@ -201,6 +230,12 @@ class Method(ABC):
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """Learn from a labelled example (e.g. GDA's support set); most methods take none."""
         raise BadRequest(f"method '{self.name}' does not learn from labelled feedback", code="feedback_unsupported")
+
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: LabelSet, text_features: torch.Tensor,
+                        served_correct: bool) -> dict[str, Any]:
+        """Learn from the label of an earlier answer: `feature` [d] is the original view that answer
+        encoded. Only methods with `learns_from_answers` take it."""
+        raise BadRequest(f"method '{self.name}' does not learn from labelled answers", code="feedback_unsupported")
 
 
 _REGISTRY: dict[str, type[Method]] = {}

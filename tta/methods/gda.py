@@ -7,7 +7,8 @@ linear, W = mu P, b_k = log(1/C) - mu_k P mu_k^T / 2, and it is ensembled with z
 logits = scale * f T^T + alpha * (f W^T + b).
 
 Fitting, closed form:
-- labelled: `feedback(request, label)` (the serving layer's feedback request) or
+- labelled: `feedback(request, label)` (the serving layer's feedback request with an image),
+  `feedback_answer(feature, label)` (a label sent later for an earlier answer, by its id) or
   `fit_support_folder(engine, folder)` with a `label/image` folder; the newest
   `support_per_class` examples per class are kept (bounded, FIFO);
 - unlabelled (option `pseudo_labels`): stream requests whose zero-shot confidence is at least
@@ -37,11 +38,12 @@ from typing import Any
 import torch
 
 from tta.errors import BadRequest
-from tta.features import encode_images
+from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy
 from tta.state import ClassQueues, StreamStateMixin
-from tta.views import ViewSpec, base_view, make_views, normalize
+from tta.state.schema import Bool, Float, Int, ListOf, Maybe, Opts, Record, Tensor, class_index, unit_rows
+from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ ALPHA_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
 CV_GROWTH = 1.25  # an expensive alpha cross-validation reruns when the fitted set grew by 25 %
 CV_BUDGET_MS = 50.0  # below this cost it reruns at every refit
+# Largest |weight| or |bias| a fit may hold: d * pinv((N-1)S + tr(S) I) of unit features is ~1e3
+# (2.7e3 / 4.2e3 measured on tiny-random with 4 examples); only a degenerate support set comes near 1e9
+MAX_FIT = 1e9
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -144,6 +149,20 @@ def choose_alpha(features: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
     return float(grid[best]), float(correct[best] / max(total, 1))
 
 
+def _max_entropy(dims: dict[str, int]) -> float | None:
+    return math.log(dims["C"]) + 1e-4 if "C" in dims else None  # nats, plus float32 slack
+
+
+def _state_consistent(state: Any, dims: dict[str, int]) -> str | None:
+    total, correct = state["feedback"]
+    if correct > total:
+        return "feedback must be [total, correct <= total]"
+    scores = state["support"]["scores"]  # each support entry's score is the index of its example
+    if scores.numel() and (bool((scores != scores.round()).any()) or float(scores.max()) >= state["examples"]):
+        return "support scores must be example indices below 'examples'"
+    return None
+
+
 def load_support_folder(folder: str | Path, names: Sequence[str]) -> list[tuple[torch.Tensor, int]]:
     """(image, class index) from `folder/<label>/<image>`; unknown label folders are a BadRequest."""
     from tta.images import load_image_file
@@ -169,6 +188,7 @@ class GDA(StreamStateMixin, Method):
     Options = GDAOptions
     description = "Gaussian discriminant analysis from labelled feedback (or confident pseudo-labels) + zero-shot"
     batch_encoding = "original"
+    learns_from_answers = True  # a label for an earlier answer (by id) adds that answer's feature to the support set
     state_version = 1
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
@@ -205,6 +225,20 @@ class GDA(StreamStateMixin, Method):
                                               for k, v in fit.items()}
         self._text = state.get("text")
         self._pseudo_since_refit = int(state.get("pseudo_since_refit", 0))
+
+    def _state_schema(self) -> Record:
+        fit = Record(weights=Tensor(("C", "d"), max_abs=MAX_FIT), bias=Tensor(("C",), max_abs=MAX_FIT), alpha=Float(0.0, 1e4),
+                     cv_accuracy=Maybe(Float(0.0, 1.0)), n=Int(low=0), cv_n=Int(low=0))
+        return Record(support=self.support.schema(), pseudo=self.pseudo.schema(score_high=_max_entropy),
+                      fit=Maybe(fit), text=Maybe(unit_rows(("C", "d"))), pseudo_since_refit=Int(low=0),
+                      examples=Int(low=0), feedback=ListOf(Int(low=0), length=2), checks=(_state_consistent,))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        common = {"opts": Opts(self.defaults), "cv_expensive": Bool()}
+        return {"support": Record(feats=unit_rows(("k", "v", "d")), labels=ListOf(class_index(), length="k"),
+                                  refit=Bool(), scored=Maybe(Bool()), optional=("refit",), **common),
+                "pseudo": Record(cls=class_index(), feature=unit_rows(("d",)), score=Float(0.0, _max_entropy),
+                                 **common)}
 
     def _clear_state(self) -> None:
         self.support.clear()
@@ -283,7 +317,7 @@ class GDA(StreamStateMixin, Method):
             batch = make_views(image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=views, scale=(0.5, 1.0)), generator=generator, device=clip.device)
         else:
-            batch = normalize(base_view(image.to(clip.device), clip.image_size), clip.mean, clip.std).unsqueeze(0)
+            batch = original_view(clip, image)
         return encode_images(clip, batch)
 
     def add_examples(self, features: Sequence[torch.Tensor], labels: Sequence[int], text_features: torch.Tensor,
@@ -317,6 +351,22 @@ class GDA(StreamStateMixin, Method):
         reply = {"method": self.name, "label": request.labels.names[label_index],
                  "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
                  "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
+
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: Any, text_features: torch.Tensor,
+                        served_correct: bool) -> dict[str, Any]:
+        """A label for an earlier answer: the original-view feature that answer encoded joins the
+        support set (one view: `support_views` > 1 augments only images sent with their label), and
+        the served answer scores the online accuracy (as `feedback` scores its own prediction)."""
+        opts: GDAOptions = self.defaults  # type: ignore[assignment]
+        self._last_text = text_features
+        self._bind_labels(labels.names)
+        available = self.host.sync()
+        row = feature.detach().float().cpu().reshape(1, 1, -1)
+        op = self._op("support", opts, feats=row, labels=[int(label_index)], refit=True, scored=bool(served_correct))
+        available = self.host.commit(op) and available
+        reply = {"method": self.name, "label": labels.names[label_index], "support_total": len(self.support),
+                 "refit_ms": round(self.last_refit_ms, 3)}
         return self._flag(reply, available)
 
     def _op(self, kind: str, opts: GDAOptions, **fields: Any) -> dict[str, Any]:
@@ -366,8 +416,7 @@ class GDA(StreamStateMixin, Method):
         opts: GDAOptions = request.options  # type: ignore[assignment]
         clip = self.clip
         with request.timer.stage("encode"):
-            view = normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)
-            feats = encode_images(clip, view.unsqueeze(0))
+            feats = encode_images(clip, original_view(clip, request.image))
         zs_logits = clip.logit_scale * feats[0] @ request.text_features.t()
         zeroshot = zs_logits.softmax(-1)
         if not request.is_default_labels:
