@@ -41,6 +41,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -125,11 +126,25 @@ def client(url: str, timeout_s: float) -> redis.Redis:
         if key not in _clients:
             kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                                       "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
-            password = os.environ.get("TTA_STATE_PASSWORD")
+            password = state_password()
             if password and not urlparse(url).password:
                 kwargs["password"] = password
             _clients[key] = redis.Redis.from_url(url, **kwargs)
         return _clients[key]
+
+
+def state_password() -> str | None:
+    """TTA_STATE_PASSWORD, else the file TTA_STATE_PASSWORD_FILE names (a mounted Kubernetes Secret:
+    no password in the environment). Read per new connection pool, so a rotated file is picked up."""
+    if os.environ.get("TTA_STATE_PASSWORD"):
+        return os.environ["TTA_STATE_PASSWORD"]
+    path = os.environ.get("TTA_STATE_PASSWORD_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise ValueError(f"TTA_STATE_PASSWORD_FILE {path} cannot be read: {exc}") from exc
 
 
 def key_prefix(deployment: str, owner: str) -> str:
