@@ -157,7 +157,7 @@ def test_bad_request_gets_the_same_4xx_as_torchserve(kserve: KServe, server: Tor
                       (f"{server.url}/v2/models/{MODEL}/infer", server.auth)):
         kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
         reply = requests.post(url, headers={**auth, "Content-Type": "application/json"}, timeout=60, **kwargs)
-        replies.append((reply.status_code, reply.json().get("error")))
+        replies.append((reply.status_code, reply.json().get("code"), reply.json().get("error")))
     assert 400 <= replies[0][0] < 500 and replies[0][1]
     assert replies[0] == replies[1], f"kserve {replies[0]} != torchserve {replies[1]}"
 
@@ -201,7 +201,7 @@ def test_token_is_required_for_inference_not_for_probes(kserve: KServe, photos: 
     infer = f"{kserve.url}/v2/models/{MODEL}/infer"
     for headers in ({}, {"Authorization": "Bearer wrong-token"}):
         refused = requests.post(infer, json=oip_body(b64(photos["coffee"])), headers=headers, timeout=30)
-        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
         assert requests.get(f"{kserve.url}/v2/models/{MODEL}", headers=headers, timeout=30).status_code == 401
     for probe in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready", "/metrics"):
         assert requests.get(kserve.url + probe, timeout=30).status_code == 200, probe
@@ -232,7 +232,7 @@ def test_v1_json_form_state_actions_and_metrics(kserve: KServe, photos: dict[str
                         timeout=60)
     assert raw.status_code == 200 and raw.json()["method"] == "zeroshot"
     bad = requests.post(predict, json={"image": "AAAA", "method": "tda"}, headers=kserve.auth, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"] == "not_an_image"
+    assert bad.status_code == 400 and bad.json()["code"] == "not_an_image"
     assert count("ok") - ok_before == 2 and count("client_error") - bad_before == 1
 
 
@@ -281,4 +281,4 @@ def test_oversized_body_is_refused_before_decoding(kserve: KServe) -> None:
     for data in (blob, iter([blob[: len(blob) // 2], blob[len(blob) // 2:]])):  # Content-Length, then chunked
         reply = requests.post(infer, data=data, headers={**kserve.auth, "Content-Type": "application/json"},
                               timeout=60)
-        assert reply.status_code == 413 and reply.json()["error"] == "request_too_large", reply.text
+        assert reply.status_code == 413 and reply.json()["code"] == "request_too_large", reply.text

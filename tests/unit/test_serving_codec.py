@@ -34,7 +34,7 @@ def test_raw_json_and_oip_forms_decode_to_the_same_image(png: bytes, sample_imag
                                      "parameters": {"binary_data_size": len(bytes_tensor(png, b64.encode()))}}],
                          "parameters": {"top_k": 2, "labels": '["a", "b"]'}}).encode()
     binary = codec.decode(header + bytes_tensor(png, b64.encode()), {codec.OIP_LENGTH_HEADER: str(len(header))})
-    nested = codec.decode({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [[b64]]}]})
+    nested = codec.decode({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [[b64]]}]})
     assert isinstance(raw, codec.Predict) and isinstance(form, codec.Predict)
     assert isinstance(binary, codec.OipInfer) and isinstance(nested, codec.OipInfer)
     images = [raw.image, form.image, *(item.image for item in binary.items), nested.items[0].image]
@@ -52,9 +52,19 @@ def test_raw_json_and_oip_forms_decode_to_the_same_image(png: bytes, sample_imag
     ({"action": "explode"}, {}, 400, "unknown_action"),
     ({"action": "import", "method": "tda", "state": 3}, {"x-tta-admin-token": "t"}, 400, "bad_state"),
     ({"action": "import", "method": "tda", "state": 3}, {}, 401, "unauthorized"),  # checked before decoding
-    ({"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}, {}, 400, "bad_json"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "data": ["AAAA"]}], "outputs": [{"name": "nope"}]}, {},
-     400, "bad_json"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, {}, 400, "bad_input"),
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, {}, 400, "bad_datatype"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+      "outputs": [{"name": "nope"}]}, {}, 400, "bad_output"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+      "parameters": {"top-k": 3}}, {}, 400, "unknown_parameter"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"], "parameters": {"x": 1}}]},
+     {}, 400, "unknown_parameter"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}], "extra": 1}, {}, 400,
+     "unknown_field"),
     (b'{"inputs": []}' + bytes_tensor(b"x")[:3], {codec.OIP_LENGTH_HEADER: "14"}, 400, "bad_json"),
     (b'{"inputs": [{"datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}',  # 9 bytes past the end
      {codec.OIP_LENGTH_HEADER: "74"}, 400, "bad_json"),
