@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests run together at most (default: %(default)s)")
     parser.add_argument("--max-batch-delay", type=int, default=int(os.environ.get("MAX_BATCH_DELAY", 50)),
                         help="ms to fill a batch (default: %(default)s)")
+    parser.add_argument("--max-inflight", type=int, default=int(os.environ.get("TTA_MAX_INFLIGHT") or 100),
+                        help="requests queued or running at most; more get 503 + Retry-After (0: unbounded; "
+                             "default: env TTA_MAX_INFLIGHT or %(default)s, TorchServe's job_queue_size)")
     parser.add_argument("--max-labels", type=int, default=1000, help="per-request label list limit")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
                         help="larger request bodies get 413 (default: %(default)s, TorchServe's max_request_size)")
@@ -81,8 +84,8 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
     from tta.commands.archive import check_method_flags
 
     method_defaults = check_method_flags(args)
-    if args.batch_size < 1 or args.max_batch_delay < 0:
-        raise TTAError("--batch-size must be >= 1 and --max-batch-delay >= 0")
+    if args.batch_size < 1 or args.max_batch_delay < 0 or args.max_inflight < 0:
+        raise TTAError("--batch-size must be >= 1, --max-batch-delay >= 0 and --max-inflight >= 0")
     config: dict[str, Any] = {
         "model": args.model, "templates": args.templates, "default_method": args.method,
         "method_defaults": method_defaults, "max_labels": args.max_labels,
@@ -140,7 +143,7 @@ def _kserve(args: argparse.Namespace, config: dict[str, Any], token: str | None)
     metrics = ServingMetrics(registry=prometheus_client.REGISTRY)
     model = ClipTTAModel(args.name, config, model_version=args.version, metrics=metrics, token=token,
                          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
-                         max_request_bytes=args.max_request_bytes)
+                         max_inflight=args.max_inflight, max_request_bytes=args.max_request_bytes)
     log.warning("serving %s (%s) with KServe: REST :%d%s%s", args.name, args.model, args.http_port,
                 "" if args.no_grpc else f", gRPC :{args.grpc_port}", ", bearer token required" if token else "")
     serve(model, args.http_port, args.grpc_port, grpc=not args.no_grpc)

@@ -379,6 +379,8 @@ class OipRoutes:
         if isinstance(body, bytes):
             response_headers["content-type"] = "application/octet-stream"
             return Response(body, headers=response_headers)
+        if isinstance(body, dict) and not body.get("id"):
+            body.pop("id", None)  # OIP: "the id given in the request, if any"
         return JSONResponse(body, headers=response_headers)
 
     async def guard(self, request: Request, call_next: Any) -> Response:
