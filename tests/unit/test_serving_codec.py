@@ -90,3 +90,13 @@ def test_exported_state_round_trips_bit_exact() -> None:
     back = codec.decode_state(json.loads(json.dumps(codec.encode_state(state))))
     assert torch.equal(back["keys"], state["keys"]) and torch.equal(back["counts"], state["counts"])
     assert back["meta"] == [1, "a"]
+
+
+def test_unknown_oip_parameters_are_refused_but_tritons_reserved_ones_ignored(png: bytes) -> None:
+    """A typo is a 400 (never a silent default); `triton_*` (perf_analyzer adds one) is ignored."""
+    b64 = base64.b64encode(png).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+    typo = codec.decode({**body, "parameters": {"topk": 3}})
+    assert isinstance(typo, codec.Failure) and typo.code == "unknown_parameter" and "topk" in typo.message
+    triton = codec.decode({**body, "parameters": {"triton_enable_empty_final_response": False, "top_k": 2}})
+    assert isinstance(triton, codec.OipInfer) and triton.items[0].top_k == 2

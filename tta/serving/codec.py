@@ -44,6 +44,10 @@ OIP_OUTPUT_TENSORS = ({"name": "labels", "datatype": "BYTES", "shape": [-1, -1]}
 # Parameters OIP clients send beyond ours: tritonclient's binary tensor extension. Anything else is
 # refused (400 unknown_parameter) rather than ignored, so a typo never falls back to a default.
 OIP_BINARY_OUTPUT = "binary_data_output"
+# Triton reserves the `triton_` prefix for its own parameters; its clients add some unasked
+# (perf_analyzer over gRPC: triton_enable_empty_final_response, a streaming flag). They mean
+# nothing here and are ignored, so Triton's tools work; every other unknown parameter is a 400.
+TRITON_RESERVED_PREFIX = "triton_"
 OIP_REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 OIP_INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 OIP_INPUT_PARAMETERS = frozenset({"binary_data_size"})
@@ -356,7 +360,8 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object", code="bad_json")
-    unknown = sorted(set(params) - set(OIP_PARAMETERS) - {OIP_BINARY_OUTPUT})
+    unknown = sorted(k for k in set(params) - set(OIP_PARAMETERS) - {OIP_BINARY_OUTPUT}
+                     if not str(k).startswith(TRITON_RESERVED_PREFIX))
     if unknown:
         raise _bad(f"unknown request parameter(s) {unknown}; known: {[*OIP_PARAMETERS, OIP_BINARY_OUTPUT]}",
                    code="unknown_parameter")
