@@ -311,6 +311,16 @@ def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
             assert reply.status_code == 400 and reply.json()["code"] == "not_ready" and reply.json()["error"], path
         busy = client.post("/v2/models/probe/infer", json={"inputs": []})
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and busy.json()["error"], busy.text
+        import json
+        from fastapi.exceptions import RequestValidationError
+        from starlette.requests import Request
+        from tta.serving.kserve_model import framework_error
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/x", "headers": [], "query_string": b""}
+        invalid = RequestValidationError([{"loc": ("body", "inputs"), "msg": "Field required", "type": "missing"}])
+        answer = asyncio.run(framework_error(Request(scope), invalid))  # FastAPI's 422, in OIP's shape
+        assert answer.status_code == 422
+        assert json.loads(answer.body) == {"error": "body.inputs: Field required", "code": "invalid_request"}
         try:
             asyncio.run(model.predict({"image": "AAAA"}))
         except ModelNotReady:
