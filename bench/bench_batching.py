@@ -45,26 +45,33 @@ def targets_for(model: str, args: argparse.Namespace, work: Path, stack: context
     ts_names = {"off": ("clip_off", 1, 50)}
     for delay in args.ts_delays:
         ts_names[f"on d{delay}"] = (f"clip_d{delay}", args.batch_size, delay)
-    archives = {key: _archive(model, args.classes, store, work, name, b, d) for key, (name, b, d) in ts_names.items()}
-    torchserve = TorchServe(work / "ts", ts_names["off"][0])
-    load_spec = ",".join(f"{ts_names[k][0]}={a}" for k, a in archives.items()).split("=", 1)[1]
-    stack.enter_context(torchserve.running(store, load_spec, timeout_s=1200))
-    wait_models_ready(torchserve, [n for n, _, _ in ts_names.values()], timeout_s=1200)
+    cells: dict[str, Any] = {}
+    if "torchserve" in args.servers:
+        archives = {k: _archive(model, args.classes, store, work, name, b, d) for k, (name, b, d) in ts_names.items()}
+        torchserve = TorchServe(work / "ts", ts_names["off"][0])
+        load_spec = ",".join(f"{ts_names[k][0]}={a}" for k, a in archives.items()).split("=", 1)[1]
+        stack.enter_context(torchserve.running(store, load_spec, timeout_s=1200))
+        wait_models_ready(torchserve, [n for n, _, _ in ts_names.values()], timeout_s=1200)
+        for key, (name, _, _) in ts_names.items():
+            cells[f"torchserve {key}"] = (f"{torchserve.url}/v2/models/{name}/infer", torchserve.auth)
+    else:
+        from tta.text import imagenet_classnames
+
+        (work / "labels.txt").write_text("\n".join(imagenet_classnames()[:args.classes]) + "\n", encoding="utf-8")
+    if "kserve" not in args.servers:
+        return cells
     ks_off = stack.enter_context(KServe(work / "ks-off", "clip").running(
         work / "labels.txt", "--batch-size", "1", clip=model, timeout_s=1200))
     ks_on = stack.enter_context(KServe(work / "ks-on", "clip").running(
         work / "labels.txt", "--batch-size", str(args.batch_size), "--max-batch-delay", str(args.kserve_delay),
         clip=model, timeout_s=1200))
-    cells: dict[str, Any] = {}
-    for key, (name, _, _) in ts_names.items():
-        cells[f"torchserve {key}"] = (f"{torchserve.url}/v2/models/{name}/infer", torchserve.auth)
     cells["kserve off"] = (f"{ks_off.url}/v2/models/clip/infer", ks_off.auth)
     cells[f"kserve on d{args.kserve_delay}"] = (f"{ks_on.url}/v2/models/clip/infer", ks_on.auth)
     return cells
 
 
-def bench_model(model: str, args: argparse.Namespace, images: list[bytes], deadline: float) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def bench_model(model: str, args: argparse.Namespace, images: list[bytes], deadline: float,
+                rows: list[dict[str, Any]], save: Any) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="tta-batching-bench-") as tmp, contextlib.ExitStack() as stack:
         cells = targets_for(model, args, Path(tmp), stack)
         names = list(cells)
@@ -95,6 +102,7 @@ def bench_model(model: str, args: argparse.Namespace, images: list[bytes], deadl
                        "rps_rounds": [round(r, 3) for r in rps_rounds],
                        "noise": round((max(rps_rounds) - min(rps_rounds)) / mean, 3) if len(rps_rounds) > 1 else None}
                 rows.append(row)
+                save()  # after every cell: a run stopped from outside keeps what it measured
                 print(f"{model:>16} {name:>18} c={concurrency:<3} n={row['requests']:<4} rps {row['rps']:8.2f} "
                       f"p50 {row['p50_s']:7.3f} p95 {row['p95_s']:7.3f} noise {row['noise']}", flush=True)
     return rows
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ts-delays", default="5,20,50", help="TorchServe maxBatchDelay choices (ms), one archive each")
     p.add_argument("--kserve-delay", type=int, default=50, help="KServe --max-batch-delay (ms)")
+    p.add_argument("--servers", default="torchserve,kserve")
     p.add_argument("--time-budget", type=float, default=1800.0, help="seconds; later cells are skipped past it")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "batching.json"))
     args = p.parse_args(argv)
@@ -135,16 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {}
+
+    def save() -> None:
+        out.update({"what": "zero-shot OIP v2 JSON (one base64 photo per request), batching off vs on",
+                    "models": args.models.split(","), "servers": args.servers.split(","), "n_classes": args.classes,
+                    "concurrency": args.concurrency, "rounds": args.rounds, "batch_size_on": args.batch_size,
+                    "torchserve_max_batch_delays_ms": args.ts_delays, "kserve_max_batch_delay_ms": args.kserve_delay,
+                    "device": "cpu", "cores": os.cpu_count(), "load_average_at_start": load_before,
+                    "load_average_at_end": os.getloadavg(), "wall_s": round(time.monotonic() - started, 1),
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": rows,
+                    "ratios": ratios(rows)})
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+
     for model in args.models.split(","):
-        rows += bench_model(model, args, images, started + args.time_budget)
-    out = {"what": "zero-shot OIP v2 JSON (one base64 photo per request), batching off vs on, both servers",
-           "models": args.models.split(","), "n_classes": args.classes, "concurrency": args.concurrency,
-           "rounds": args.rounds, "batch_size_on": args.batch_size, "torchserve_max_batch_delays_ms": args.ts_delays,
-           "kserve_max_batch_delay_ms": args.kserve_delay, "device": "cpu", "cores": os.cpu_count(),
-           "load_average_at_start": load_before, "load_average_at_end": os.getloadavg(),
-           "wall_s": round(time.monotonic() - started, 1),
-           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": rows, "ratios": ratios(rows)}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        bench_model(model, args, images, started + args.time_budget, rows, save)
+    save()
     print(f"\n{'model':>16} {'server':>10} {'on':>8} {'conc':>4} {'rps x':>6} {'p50 x':>6} {'noise':>6}")
     for r in out["ratios"]:
         print(f"{r['model']:>16} {r['server']:>10} {r['batching']:>8} {r['concurrency']:>4} "
