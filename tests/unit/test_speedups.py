@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tta.features import encode_images
 from tta.methods.base import MethodInput
 from tta.methods.tpt import (
     TPT,
