@@ -2,7 +2,7 @@
 MODEL ?= ViT-B-16:openai
 NAME ?= clip
 
-.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak
+.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak gpu-check gpu-check-dry-run gpu-wheels
 
 serve:  ## install, build the archive, run TorchServe in the foreground (MODEL=tiny-random offline)
 	MODEL=$(MODEL) NAME=$(NAME) bash scripts/serve.sh
@@ -28,3 +28,15 @@ drift-dashboard:  ## live TorchServe + Prometheus run; draws docs/img/drift-dash
 
 soak:  ## bounded mixed load (3,000 requests, hostile inputs included) on 127.0.0.1; writes bench/results/soak.json
 	.venv/bin/python -m bench.soak --requests $(or $(REQUESTS),3000) --concurrency $(or $(CONCURRENCY),8) --max-seconds $(or $(SECONDS_MAX),900)
+
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+GPU_OUT ?= bench/results/gpu.json
+
+gpu-check:  ## on one CUDA GPU (<= 8 min): every GPU figure -> $(GPU_OUT) + .md (docs/gpu-check.md)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(PYTHON) -m bench.gpu_check --out $(GPU_OUT)
+
+gpu-check-dry-run:  ## the same plan on CPU with tiny sizes (seconds; the default suite runs it too)
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m bench.gpu_check --dry-run
+
+gpu-wheels:  ## the wheels a GPU machine lacks, into .whl/ (carried by the device run; docs/gpu-check.md)
+	bash scripts/gpu_wheels.sh
