@@ -340,6 +340,17 @@ def _agreement(exact: torch.Tensor, mixed: torch.Tensor) -> dict[str, Any]:
             "max_prob_error": float(error.max()), "mean_prob_error": float((exact - mixed).abs().mean())}
 
 
+def _parity_rows(step: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("zeroshot_bf16", "zeroshot_fp16", "tpt_bf16", "tpt_fp16"):
+        if key in step:
+            a = step[key]
+            out.append(f"| {key} vs fp32 ({step['model']}, {a['n']} photos) | top-1 agreement "
+                       f"{a['top1_agreement']:.0%} ({a['top1_agreement_decided']} on {a['decided']} decided), "
+                       f"max prob error {a['max_prob_error']:.2e} |")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The figures as one markdown table (docs/gpu-check.md shows how to read it)."""
     env, steps = result["env"], result["steps"]
@@ -357,12 +368,7 @@ def markdown(result: dict[str, Any]) -> str:
         if name == "cuda_tests":
             row("CUDA tests (`-m gpu`)", step["summary"])
         elif name == "autocast_parity":
-            for key in ("zeroshot_bf16", "zeroshot_fp16", "tpt_bf16", "tpt_fp16"):
-                if key in step:
-                    a = step[key]
-                    row(f"{key} vs fp32 ({step['model']}, {a['n']} photos)",
-                        f"top-1 agreement {a['top1_agreement']:.0%} ({a['top1_agreement_decided']} on "
-                        f"{a['decided']} decided), max prob error {a['max_prob_error']:.2e}")
+            rows.extend(_parity_rows(step))
         elif name == "tpt_latency":
             for precision in ("fp32", "bf16"):
                 p = step[precision]
