@@ -48,3 +48,9 @@ def paired(a_hits: torch.Tensor, b_hits: torch.Tensor) -> Paired:
     a, b = a_hits.bool(), b_hits.bool()
     assert a.shape == b.shape and a.ndim == 1
     return Paired(n=len(a), a_only=int((a & ~b).sum()), b_only=int((b & ~a).sum()))
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(X >= wins) for X ~ Binomial(wins + losses, 1/2) (ties dropped)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
