@@ -2,7 +2,7 @@
 MODEL ?= ViT-B-16:openai
 NAME ?= clip
 
-.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak docs docs-gen docs-serve docs-screenshots
+.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak docs docs-gen docs-serve docs-screenshots gpu-check gpu-check-dry-run gpu-wheels
 
 serve:  ## install, build the archive, run TorchServe in the foreground (MODEL=tiny-random offline)
 	MODEL=$(MODEL) NAME=$(NAME) bash scripts/serve.sh
@@ -41,3 +41,15 @@ docs-serve:  ## preview the site on http://127.0.0.1:8000 (rebuilds on save)
 docs-screenshots:  ## headless-Chromium screenshots of the built site (desktop + phone) into site-shots/; refreshes docs/img/site-tpt.png
 	bash scripts/docs_screenshots.sh site-shots
 	cp site-shots/tpt-desktop.png docs/img/site-tpt.png
+
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+GPU_OUT ?= bench/results/gpu.json
+
+gpu-check:  ## on one CUDA GPU (<= 8 min): every GPU figure -> $(GPU_OUT) + .md (docs/gpu-check.md)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(PYTHON) -m bench.gpu_check --out $(GPU_OUT)
+
+gpu-check-dry-run:  ## the same plan on CPU with tiny sizes (seconds; the default suite runs it too)
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m bench.gpu_check --dry-run
+
+gpu-wheels:  ## the wheels a GPU machine lacks, into .whl/ (carried by the device run; docs/gpu-check.md)
+	bash scripts/gpu_wheels.sh

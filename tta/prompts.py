@@ -146,6 +146,11 @@ def encode_suffixes(
     return _project(model, model.ln_final(x))
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp64 stays fp64, so a float64 copy of the model gives a float64 reference."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _as_index(classes: Classes, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(classes, slice):
         return torch.arange(n, device=device)[classes]
@@ -177,7 +182,7 @@ class PromptLearner:
         prefix_text = ctx_init if ctx_init else " ".join(["X"] * n_ctx)
         tokens = clip.tokenizer([f"{prefix_text} {name}." for name in self.classnames]).to(device)
         with torch.no_grad():
-            embedding = model.token_embedding(tokens).float()
+            embedding = _at_least_fp32(model.token_embedding(tokens))
         self.eot_index = tokens.argmax(dim=-1)
         self.length = int(self.eot_index.max()) + 1 if truncate else tokens.shape[1]
         self.n_ctx = n_ctx
@@ -252,7 +257,7 @@ class PromptLearner:
             max_group = NOGRAD_GROUP_CLASSES
         prefix_kv = self.prefix_kv(ctx)
         groups = self.groups(index, max_group)
-        feats = torch.cat([self._encode_group(ctx, g, prefix_kv) for g in groups]).float()
+        feats = _at_least_fp32(torch.cat([self._encode_group(ctx, g, prefix_kv) for g in groups]))
         # rows are in group order; put them back in the order asked for
         position = torch.empty(len(self), dtype=torch.long, device=index.device)
         position[torch.cat(groups)] = torch.arange(index.numel(), device=index.device)

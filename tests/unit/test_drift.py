@@ -110,7 +110,12 @@ def shifted(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def test_signals_separate_clean_from_shifted_digits(digits_clip, digits_data) -> None:
-    """Grounds the alert thresholds of monitoring/: clean windows stay far below, shifted far above."""
+    """Grounds the alert thresholds of monitoring/: clean windows stay far below, shifted far above.
+
+    Window means over 64-128 images, not single predictions, so another CPU's slightly different
+    digits weights move them by far less than the margins (measured on an Intel Xeon: clean
+    excesses -0.013 / -0.020 / entropy -0.018 against 0.05 / 0.1 / 0.1; shifted 0.57 / 0.34 / 0.25).
+    """
     from tta.testing.digits import DIGIT_CLASSNAMES
 
     *_, images, _ = digits_data

@@ -124,3 +124,26 @@ def test_export_import_round_trip_gives_identical_predictions(tiny_clip) -> None
     b.import_state("gda", a.export_state("gda"))
     for img in _images(4, seed=6):
         assert torch.allclose(a.predict(img, method="gda").probs, b.predict(img, method="gda").probs, atol=1e-6)
+
+
+def test_alpha_choice_does_not_depend_on_how_long_cross_validation_took(tiny_clip, monkeypatch) -> None:
+    """A slow or loaded CPU must pick the same alpha: the rerun rule counts examples, not milliseconds."""
+    import types
+
+    from tta.methods import gda as gda_module
+
+    def fed(clock) -> Engine:
+        if clock is not None:
+            monkeypatch.setattr(gda_module, "time", clock)
+        engine = Engine(tiny_clip, LabelSet.create(LABELS))
+        for i, img in enumerate(_images(30, seed=3)):
+            engine.feedback(img, LABELS[i % 3], "gda")
+        monkeypatch.undo()
+        return engine
+
+    ticks = iter(range(0, 10**9, 10))  # every perf_counter() call 10 s later: each CV "costs" 10 s
+    slow = fed(types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    fast = fed(None)
+    probe = _images(3, seed=4)
+    for img in probe:
+        assert torch.equal(slow.predict(img, method="gda").probs, fast.predict(img, method="gda").probs)

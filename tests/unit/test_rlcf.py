@@ -136,4 +136,8 @@ def test_better_reward_model_moves_policy_answers_toward_its_own_on_shifted_digi
             away += adapted.zeroshot_label == target and adapted.label != target
     log.warning("rlcf on shifted digits: %d answers moved toward the reward model's, %d away", toward, away)
     print(f"rlcf digits: toward={toward} away={away}")
-    assert toward > away
+    # one-sided exact sign test over the moved answers (measured on an Intel Xeon: 10 toward, 0 away,
+    # p = 0.001): another CPU's digits weights would have to move several answers to cross p < 0.05
+    from tests.stats import sign_test_p
+
+    assert sign_test_p(int(toward), int(away)) < 0.05, (toward, away)

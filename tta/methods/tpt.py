@@ -141,7 +141,7 @@ def backward_in_chunks(
     for index in _chunks(learner, chunk):
         with autocast(device, amp):
             feats = learner.text_features(classes=index)
-        feats.float().backward(upstream[index] * scale)
+        feats.to(upstream.dtype).backward(upstream[index] * scale)
 
 
 def tune_prompt(
@@ -180,7 +180,7 @@ def tune_prompt(
         if not cached and chunk >= len(learner):  # one pass with grad: no separate no-grad forward
             with autocast(device, amp):
                 text = learner.text_features()
-            logits = logit_scale * image_features @ text.float().t()
+            logits = logit_scale * image_features @ text.to(image_features.dtype).t()  # fp32 (fp64 in tests)
             if selected is None:
                 initial_logits = logits.detach()
                 selected = select_confident(initial_logits, selection_p)
@@ -192,7 +192,7 @@ def tune_prompt(
             else:
                 with torch.no_grad(), autocast(device, amp):
                     text = learner.text_features()
-            text = text.detach().float().requires_grad_(True)
+            text = text.detach().to(image_features.dtype).requires_grad_(True)
             logits = logit_scale * image_features @ text.t()
             if selected is None:
                 initial_logits = logits.detach()

@@ -4,7 +4,15 @@ Accuracy tests need a model whose zero-shot predictions mean something; no real 
 be downloaded in CI, so we train one: 8x8 digits upsampled to 64x64, classified against the
 prompts "a photo of a {name}." with a contrastive (image -> class-text) loss that trains both
 towers. Training takes well under a minute on 2 cores and the weights are cached (atomic write)
-under ``$TTA_CACHE_DIR`` (default ``~/.cache/clip-tta``), keyed by a version string.
+under ``$TTA_CACHE_DIR`` (default ``~/.cache/clip-tta``).
+
+Training is deterministic on one machine: seeded, one thread (a reduction split over threads
+rounds differently with the thread count) and ``torch.use_deterministic_algorithms``. A different
+CPU still rounds differently (other SIMD kernels), so its weights differ in the last bits and, after
+hundreds of steps, in the predictions of a few borderline images: tests must not depend on exact
+weights (see docs/portability.md). The cache key (`cache_key`) hashes everything that changes the
+weights: this file, the config, and the torch / torchvision / open_clip / scikit-learn versions and
+torch's CPU kernel level, so a stale cache is never loaded.
 
 Two strengths: ``base`` (clean training, the policy/zero-shot model) and ``strong`` (wider,
 longer, trained with the same shifts the tests apply: a better teacher/reward model).
@@ -12,10 +20,14 @@ longer, trained with the same shifts the tests apply: a better teacher/reward mo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,7 +44,8 @@ DIGIT_CLASSNAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
 IMAGE_SIZE = 64
-CACHE_VERSION = "v2"
+CACHE_VERSION = "v3"  # bump to invalidate every cache by hand; the key also hashes the code (cache_key)
+TRAIN_THREADS = 1
 SHIFT_KINDS = ("noise", "blur", "contrast", "rotate")
 
 _CONFIGS = {
@@ -128,8 +141,52 @@ def build_digits_model(width: int, layers: int) -> torch.nn.Module:
     )
 
 
+@contextlib.contextmanager
+def deterministic_training(threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Fixed thread count and deterministic kernels for the duration; the caller's settings come back."""
+    previous_threads = torch.get_num_threads()
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_det, warn_only=previous_warn)
+        torch.set_num_threads(previous_threads)
+
+
+def cache_key(strength: str) -> str:
+    """A digest of everything that changes the trained weights (code, config, library versions, CPU kernels)."""
+    import open_clip
+    import sklearn
+    import torchvision
+
+    parts = {
+        "version": CACHE_VERSION,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "config": _CONFIGS[strength],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "open_clip": open_clip.__version__,
+        "sklearn": sklearn.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": TRAIN_THREADS,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(strength: str) -> Path:
+    return cache_dir() / "digits" / f"digits-clip-{strength}-{cache_key(strength)}.pt"
+
+
 def train_digits_clip(strength: str = "base") -> torch.nn.Module:
-    """Train the tiny digits CLIP from scratch (deterministic for a given strength)."""
+    """Train the tiny digits CLIP from scratch (bit-identical for a given strength on one machine)."""
+    with deterministic_training():
+        return _train(strength)
+
+
+def _train(strength: str) -> torch.nn.Module:
     cfg = _CONFIGS[strength]
     tokenizer = _tokenizer_for("ViT-B-32")
     with seeded(cfg["seed"]):
@@ -180,7 +237,7 @@ def load_digits_clip(strength: str = "base") -> ClipModel:
     if strength not in _CONFIGS:
         raise ValueError(f"strength must be one of {sorted(_CONFIGS)}")
     cfg = _CONFIGS[strength]
-    path = cache_dir() / "digits" / f"digits-clip-{strength}-{CACHE_VERSION}.pt"
+    path = cache_path(strength)
     model = None
     if path.is_file():
         try:
