@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-window", type=int, default=256,
                         help="each worker's sliding window of answered images compared with the reference; env "
                              "TTA_DRIFT_WINDOW wins (default: %(default)s)")
+    parser.add_argument("--drift-temperature", type=float, default=None,
+                        help="zero-shot temperature for the drift confidence signals, fitted by `tta eval --features "
+                             "... --calibrate`; env TTA_DRIFT_TEMPERATURE wins (default: none, uncalibrated)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
@@ -118,6 +121,7 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "state_every": args.state_every,
             "drift_reference_size": args.drift_reference_size,
             "drift_window": args.drift_window,
+            "drift_temperature": args.drift_temperature,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
         },
     }
@@ -147,7 +151,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     from tta.drift import DriftConfig
 
     try:
-        DriftConfig(args.drift_reference_size, args.drift_window)
+        DriftConfig(args.drift_reference_size, args.drift_window, temperature=args.drift_temperature)
     except ValueError as exc:
         raise TTAError(str(exc)) from exc
     for flag in ("workers", "batch_size", "max_batch_images"):
