@@ -47,6 +47,12 @@ VAL_ORDER_SEED = 0  # the validation stream's order; test orders use seeds 1..or
 # options a method needs before it can run on embeddings at all (auto: its single-view tiers)
 FEATURE_OPTIONS: dict[str, dict[str, Any]] = {"auto": {"tiers": "zeroshot,tda"}}
 
+PROTOCOL = ("one pass over the test stream, batch 1, seeded random orders 1..R; a fresh engine per pass; "
+            "labelled-feedback methods get the 16-shot cache through Engine.feedback_many first; "
+            "hyper-parameters chosen on val (order seed 0) from Method.val_grid, highest top-1, ties to the "
+            "default; gain CI: paired normal interval of per-image correctness differences averaged over orders; "
+            "ECE: 15 equal-width bins of the answer's top-1 probability, mean over orders")
+
 
 def features_dir(start: Path | None = None) -> Path | None:
     """The feature bundles' folder: env TTA_FEATURES_DIR, else ``<ancestor>/shared/data/clip-vitb16-features``
@@ -559,6 +565,7 @@ def plot_gains(path: str | Path, reports: Sequence[Mapping[str, Any]], averages:
     if published:
         ax.plot([], [], "D", mfc="none", color="gray", label="published gain (paper, its own baseline)")
     ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=2.0)  # labelled GDA gains are ~10x the unlabelled ones
     ax.set_xticks(range(len(groups)), [name for name, _ in groups])
     ax.set_ylabel("top-1 gain over zero-shot (points)")
     ax.set_title(title, fontsize=9)

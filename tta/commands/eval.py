@@ -476,7 +476,7 @@ def run_features(args: argparse.Namespace) -> int:
     averages = offline.average(reports)
     if len(reports) > 1:
         print(offline.format_average(averages, len(reports)))
-    body = {"protocol": PROTOCOL, "datasets": reports, "average": averages, "calibration": calibrations}
+    body = {"protocol": offline.PROTOCOL, "datasets": reports, "average": averages, "calibration": calibrations}
     if args.json:
         Path(args.json).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     if args.csv:
@@ -489,9 +489,3 @@ def run_features(args: argparse.Namespace) -> int:
         offline.plot_gains(args.plot, reports, averages, "gain over zero-shot, 95% paired intervals")
     return 0
 
-
-PROTOCOL = ("one pass over the test stream, batch 1, seeded random orders 1..R; a fresh engine per pass; "
-            "labelled-feedback methods get the 16-shot cache through Engine.feedback_many first; "
-            "hyper-parameters chosen on val (order seed 0) from Method.val_grid, highest top-1, ties to the "
-            "default; gain CI: paired normal interval of per-image correctness differences averaged over orders; "
-            "ECE: 15 equal-width bins of the answer's top-1 probability, mean over orders")
