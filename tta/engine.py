@@ -20,8 +20,16 @@ import torch
 
 from tta.admission import Budget, estimate
 from tta.drift import DriftConfig, DriftMonitor, DriftSignals
-from tta.errors import BadRequest, PixelsRequired, Unavailable
-from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
+from tta.errors import BadRequest, PixelsRequired, TTAError, Unavailable
+from tta.faults import (
+    DEADLINE,
+    NUMERICAL,
+    OOM,
+    STATE_INVALID,
+    ZeroShotFallback,
+    deadline_passed,
+    is_out_of_memory,
+)
 from tta.features import encode_images, feature_input, placeholder_image, precomputed_features
 from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
 from tta.models import ClipModel
@@ -50,9 +58,12 @@ class Prediction:
     image_features: torch.Tensor | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
     drift: DriftSignals | None = field(default=None, repr=False)  # set when the engine monitors drift
+    labels: LabelSet | None = field(default=None, repr=False)  # the label set the answer is of
+    answer_id: str | None = None  # set by a server that remembers answers for later labels
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {"id": self.answer_id} if self.answer_id is not None else {}
+        out |= {
             "label": self.label,
             "score": round(self.score, 6),
             "top_k": self.top_k,
@@ -381,7 +392,8 @@ class Engine:
     def _run(self, impl: Method, request: MethodInput, seed: int,
              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> MethodOutput:
         """`impl.predict` with the fallbacks: deadline / numerical fault -> zero-shot; out of memory
-        -> the same request with half the views (twice), then zero-shot. Never a non-finite score.
+        -> the same request with half the views (twice), then zero-shot; a stream method raising
+        unexpectedly -> zero-shot flagged ``state_invalid``. Never a non-finite score.
         `shared`: (views, features) a batch already encoded for this request (predict_batch)."""
         retries = 0
         while True:
@@ -398,7 +410,14 @@ class Engine:
                 return self._zeroshot_fallback(request, fb.reason, fb.detail)
             except Exception as exc:
                 if not is_out_of_memory(exc):
-                    raise
+                    if impl.scope != "stream" or isinstance(exc, TTAError):
+                        raise
+                    # state is shared by every replica and outlives the request: whatever in it makes the
+                    # method fail must not turn every later request into a 5xx (validation should have kept it out)
+                    log.exception("%s raised while answering from its stream state; zero-shot answer (state_invalid)",
+                                  impl.name)
+                    return self._zeroshot_fallback(request, STATE_INVALID, f"{impl.name} failed on its stream state "
+                                                   f"({type(exc).__name__}); see the worker log")
                 release_memory(self.clip.device)
                 smaller = fewer_views(request.options)
                 if smaller is None or retries >= MAX_OOM_RETRIES:
@@ -510,6 +529,15 @@ class Engine:
 
             return impl.feedback_many(requests, [index[label] for label in labels], scope)
 
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, method: str,
+                        served_correct: bool) -> dict[str, Any]:
+        """A label for an earlier answer of `method` on the deployment's labels, with the original-view
+        feature that answer saw (methods with `learns_from_answers`: GDA's support set)."""
+        impl = self.method(method)
+        with self._lock:
+            text_features = self.text_cache.get(self.clip, self.labels)
+            return impl.feedback_answer(feature, label_index, self.labels, text_features, served_correct)
+
     def _to_prediction(self, name: str, labels: LabelSet, output: Any, top_k: int, timer: StageTimer) -> Prediction:
         probs = output.probs.detach().float().cpu()
         zs = output.zeroshot_probs.detach().float().cpu()
@@ -523,7 +551,7 @@ class Engine:
             label=labels.names[best], score=float(values[0]), top_k=top, method=name,
             changed_by_adaptation=best != zs_best, timings_ms=dict(timer.timings_ms),
             zeroshot_label=labels.names[zs_best], probs=probs, zeroshot_probs=zs,
-            image_features=feats, extra=dict(output.extra),
+            image_features=feats, extra=dict(output.extra), labels=labels,
         )
 
 

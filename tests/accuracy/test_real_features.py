@@ -10,7 +10,8 @@ Claims are stated statistics with their margins (bench/results/evidence.json has
   the 95 % paired lower bound of its gain over zero-shot on DTD's 1,692 test images is > 10 points
   (measured: +19.0, interval [+16.6, +21.5]); GDA without pseudo-labels keeps no stream state, so
   one seeded order is all orders;
-- the zero-shot temperature fitted on DTD's val lowers test ECE (15 bins).
+- the zero-shot temperature fitted on DTD's val lowers test ECE (15 bins) by more than 1 point
+  (measured: T = 0.920, ECE 6.61 % -> 5.16 %; the computation is deterministic).
 Deterministic: fixed order seed, fixed arrays, closed-form fits.
 """
 

@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-temperature", type=float, default=None,
                         help="zero-shot temperature for the drift confidence signals (`tta eval --features ... "
                              "--calibrate`); env TTA_DRIFT_TEMPERATURE wins (default: none)")
+    parser.add_argument("--answers-max-entries", type=int, default=10_000,
+                        help="answers each worker remembers for labels sent later by answer id (0: none; "
+                             "docs/monitoring/labelled-answers.md) (default: %(default)s)")
+    parser.add_argument("--answers-ttl", type=float, default=86_400.0,
+                        help="seconds an answer stays labellable (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction")
 
 
@@ -93,6 +98,7 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_port": args.metrics_port, "warmup": not args.no_warmup, "device": args.device,
         "state_dir": args.state_dir, "state_url": args.state_url, "state_every": args.state_every,
         "drift_temperature": args.drift_temperature,
+        "answers_max_entries": args.answers_max_entries, "answers_ttl_s": args.answers_ttl,
     }
     if args.drift_temperature is not None:
         from tta.drift import DriftConfig

@@ -7,7 +7,8 @@ linear, W = mu P, b_k = log(1/C) - mu_k P mu_k^T / 2, and it is ensembled with z
 logits = scale * f T^T + alpha * (f W^T + b).
 
 Fitting, closed form:
-- labelled: `feedback(request, label)` (the serving layer's feedback request) or
+- labelled: `feedback(request, label)` (the serving layer's feedback request with an image),
+  `feedback_answer(feature, label)` (a label sent later for an earlier answer, by its id) or
   `fit_support_folder(engine, folder)` with a `label/image` folder; the newest
   `support_per_class` examples per class are kept (bounded, FIFO);
 - unlabelled (option `pseudo_labels`): stream requests whose zero-shot confidence is at least
@@ -41,6 +42,7 @@ from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy
 from tta.state import ClassQueues, StreamStateMixin
+from tta.state.schema import Bool, Float, Int, ListOf, Maybe, Opts, Record, Tensor, class_index, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ ALPHA_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
 CV_GROWTH = 1.25  # an expensive alpha cross-validation reruns when the fitted set grew by 25 %
 CV_BUDGET_MS = 50.0  # below this cost it reruns at every refit
+# Largest |weight| or |bias| a fit may hold: d * pinv((N-1)S + tr(S) I) of unit features is ~1e3
+# (2.7e3 / 4.2e3 measured on tiny-random with 4 examples); only a degenerate support set comes near 1e9
+MAX_FIT = 1e9
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -144,6 +149,20 @@ def choose_alpha(features: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
     return float(grid[best]), float(correct[best] / max(total, 1))
 
 
+def _max_entropy(dims: dict[str, int]) -> float | None:
+    return math.log(dims["C"]) + 1e-4 if "C" in dims else None  # nats, plus float32 slack
+
+
+def _state_consistent(state: Any, dims: dict[str, int]) -> str | None:
+    total, correct = state["feedback"]
+    if correct > total:
+        return "feedback must be [total, correct <= total]"
+    scores = state["support"]["scores"]  # each support entry's score is the index of its example
+    if scores.numel() and (bool((scores != scores.round()).any()) or float(scores.max()) >= state["examples"]):
+        return "support scores must be example indices below 'examples'"
+    return None
+
+
 def load_support_folder(folder: str | Path, names: Sequence[str]) -> list[tuple[torch.Tensor, int]]:
     """(image, class index) from `folder/<label>/<image>`; unknown label folders are a BadRequest."""
     from tta.images import load_image_file
@@ -169,6 +188,7 @@ class GDA(StreamStateMixin, Method):
     Options = GDAOptions
     description = "Gaussian discriminant analysis from labelled feedback (or confident pseudo-labels) + zero-shot"
     batch_encoding = "original"
+    learns_from_answers = True  # a label for an earlier answer (by id) adds that answer's feature to the support set
     state_version = 1
     val_grid = {"alpha": ALPHA_GRID}  # the paper's grid, searched on the validation split
 
@@ -206,6 +226,20 @@ class GDA(StreamStateMixin, Method):
                                               for k, v in fit.items()}
         self._text = state.get("text")
         self._pseudo_since_refit = int(state.get("pseudo_since_refit", 0))
+
+    def _state_schema(self) -> Record:
+        fit = Record(weights=Tensor(("C", "d"), max_abs=MAX_FIT), bias=Tensor(("C",), max_abs=MAX_FIT), alpha=Float(0.0, 1e4),
+                     cv_accuracy=Maybe(Float(0.0, 1.0)), n=Int(low=0), cv_n=Int(low=0))
+        return Record(support=self.support.schema(), pseudo=self.pseudo.schema(score_high=_max_entropy),
+                      fit=Maybe(fit), text=Maybe(unit_rows(("C", "d"))), pseudo_since_refit=Int(low=0),
+                      examples=Int(low=0), feedback=ListOf(Int(low=0), length=2), checks=(_state_consistent,))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        common = {"opts": Opts(self.defaults), "cv_expensive": Bool()}
+        return {"support": Record(feats=unit_rows(("k", "v", "d")), labels=ListOf(class_index(), length="k"),
+                                  refit=Bool(), scored=Maybe(Bool()), optional=("refit",), **common),
+                "pseudo": Record(cls=class_index(), feature=unit_rows(("d",)), score=Float(0.0, _max_entropy),
+                                 **common)}
 
     def _clear_state(self) -> None:
         self.support.clear()
@@ -338,6 +372,22 @@ class GDA(StreamStateMixin, Method):
         self._bind_labels(requests[0].labels.names)
         available = self.add_examples(feats, [int(v) for v in label_indices], requests[0].text_features, opts)
         reply = {"method": self.name, "examples": len(requests), "support_total": len(self.support),
+                 "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
+
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: Any, text_features: torch.Tensor,
+                        served_correct: bool) -> dict[str, Any]:
+        """A label for an earlier answer: the original-view feature that answer encoded joins the
+        support set (one view: `support_views` > 1 augments only images sent with their label), and
+        the served answer scores the online accuracy (as `feedback` scores its own prediction)."""
+        opts: GDAOptions = self.defaults  # type: ignore[assignment]
+        self._last_text = text_features
+        self._bind_labels(labels.names)
+        available = self.host.sync()
+        row = feature.detach().float().cpu().reshape(1, 1, -1)
+        op = self._op("support", opts, feats=row, labels=[int(label_index)], refit=True, scored=bool(served_correct))
+        available = self.host.commit(op) and available
+        reply = {"method": self.name, "label": labels.names[label_index], "support_total": len(self.support),
                  "refit_ms": round(self.last_refit_ms, 3)}
         return self._flag(reply, available)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,12 @@ from tta import state as tta_state
 from tta.admission import Budget
 from tta.drift import DriftConfig
 from tta.engine import Engine, Prediction, PredictRequest
-from tta.errors import TTAError, Unavailable
+from tta.errors import BadRequest, TTAError, Unavailable
+from tta.methods.base import get_method_class
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
 from tta.serving.admin import AdminAuth
+from tta.serving.answers import AnswerMemory
 from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class Service:
 
     def __init__(self, engine: Engine, metrics: ServingMetrics, model: ModelInfo,
                  limits: Limits = codec.DEFAULT_LIMITS, budget: Budget | None = None,
-                 admin: AdminAuth | None = None, max_inflight: int = 0) -> None:
+                 admin: AdminAuth | None = None, max_inflight: int = 0, answers: AnswerMemory | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model = model
@@ -67,6 +69,8 @@ class Service:
         self.budget = budget or engine.budget or Budget()  # every request gets a deadline
         self.admin = admin or AdminAuth()  # none configured: privileged actions are refused (403)
         self.max_inflight = max_inflight  # 0: no bound (TorchServe's queue bounds a worker's load)
+        # this worker's answers, for labels sent later ("feedback" with an "id"); workers share none
+        self.answers = answers if answers is not None else AnswerMemory(engine.labels.names)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -218,7 +222,22 @@ class Service:
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
         prediction.timings_ms = timings
         self._observe(prediction, custom_labels=request.labels is not None)
+        try:
+            prediction.answer_id = self._remember(prediction)
+        except Exception:  # noqa: BLE001 - bookkeeping for later labels never fails an answer
+            log.exception("answer not remembered; it goes out without an id")
         return prediction
+
+    def _remember(self, prediction: Prediction) -> str:
+        """Remember what a later label needs (tta.serving.answers); the answer carries the id."""
+        labels = prediction.labels
+        default = labels is None or labels is self.engine.labels
+        feature = None
+        if (default and prediction.image_features is not None
+                and type(self.engine.method(prediction.method)).learns_from_answers):
+            feature = prediction.image_features.detach().float().cpu().contiguous().numpy().tobytes()
+        return self.answers.remember(prediction.method, prediction.zeroshot_label, prediction.label,
+                                     None if default or labels is None else labels.names, feature)
 
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m, name = self.metrics, self.model.name
@@ -231,12 +250,17 @@ class Service:
         )
         impl = self.engine.method(prediction.method)
         if impl.scope == "stream":  # the request already caught up with the log: no second round trip
-            m.observe_state(name, prediction.method, impl.local_summary())
+            try:
+                m.observe_state(name, prediction.method, impl.local_summary())
+            except Exception:  # noqa: BLE001 - a gauge must never turn an answer into a 5xx
+                log.exception("%s: state summary failed; cache-fill gauge not updated", prediction.method)
         if "tier" in prediction.extra:
             m.observe_tier(name, prediction.method, str(prediction.extra["tier"]), bool(prediction.extra.get("escalated")))
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
+        if request.answer_id is not None:  # a label for an earlier answer: counted under that answer's method
+            method = self.answers.peek_method(request.answer_id) or method
         outcome, credential = "client_error", None
         try:
             credential = self.admin.authorize(request.action, method, request.headers)
@@ -263,11 +287,35 @@ class Service:
         if action == "import":
             engine.import_state(method, request.state or {})
             return {**base, "imported": True, "state": engine.state_summary(method)}
+        if request.answer_id is not None:
+            return {**base, "feedback": self._label_answer(request, method)}
         assert request.image is not None and request.label is not None  # decode_action guarantees both
         reply = engine.feedback(request.image, request.label, method, seed=request.seed)
         if reply.get("fallback"):  # answered from the last known state (Redis away): counted like predictions
             self.metrics.observe_fallback(self.model.name, method, reply["fallback"])
         return {**base, "feedback": reply}
+
+    def _label_answer(self, request: Action, method: str) -> dict[str, Any]:
+        """Count whether zero-shot and the served answer were right; methods that learn from labelled
+        answers (GDA) also get the answer's remembered feature."""
+        assert request.answer_id is not None and request.label is not None
+        if request.method and request.method != method:
+            raise BadRequest(f"answer {request.answer_id} was answered by method '{method}', not "
+                             f"'{request.method[:40]}'; leave 'method' out to label it", code="unknown_method")
+        answer, index, names = self.answers.label(request.answer_id, request.label)
+        zeroshot_ok, served_ok = answer.zeroshot == index, answer.served == index
+        self.metrics.observe_labelled_answer(self.model.name, answer.method, zeroshot_ok, served_ok)
+        reply: dict[str, Any] = {
+            "id": request.answer_id, "label": names[index], "served_label": names[answer.served],
+            "zeroshot_label": names[answer.zeroshot], "served_correct": served_ok, "zeroshot_correct": zeroshot_ok,
+        }
+        if answer.feature is not None:
+            feature = torch.frombuffer(bytearray(answer.feature), dtype=torch.float32)
+            learned = self.engine.feedback_answer(feature, index, answer.method, served_ok)
+            if learned.get("fallback"):  # Redis away: applied when it is back, counted like predictions
+                self.metrics.observe_fallback(self.model.name, answer.method, learned["fallback"])
+            reply["learned"] = learned
+        return reply
 
 
 def _items(request: Decoded) -> list[Predict]:
@@ -294,6 +342,9 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     budget = Budget.for_worker(config, response_timeout_s)  # a deadline past the worker timeout loses the batch
     device = device or resolve_device(config.get("device"))
     configure_state(config, model_name)
+    if metrics is None:
+        metrics = ServingMetrics()
+    watch_state_rejections(metrics, model_name)  # before the Engine: the drift reference restores as it is built
     labels_file = config.get("labels_file")
     names = load_labels(model_dir / labels_file) if labels_file else load_labels(config["labels"])
     labels = LabelSet.create(names, templates=config.get("templates", "single"))
@@ -313,15 +364,28 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         drift=DriftConfig.from_mapping(config),
         max_batch_images=int(config.get("max_batch_images", 256)),
     )
-    if metrics is None:
-        metrics = ServingMetrics()
     metrics.observe_worker_start(model_name)
     metrics.known_methods = frozenset(engine.methods) | ({"drift"} if engine.drift is not None else set())
+    stream = [name for name in engine.methods if get_method_class(name).scope == "stream"]
+    metrics.declare_state_owners(model_name, [*stream, *(["drift"] if engine.drift is not None else [])])
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
                    admin=admin or AdminAuth.from_config(config),
-                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0))
+                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0),
+                   answers=AnswerMemory.from_config(config, labels.names))
+
+
+def watch_state_rejections(metrics: ServingMetrics, model_name: str) -> Callable[[], None]:
+    """Count what stream-state validation refuses in this worker (`tta.state.host.on_rejected`) under
+    `model_name`; the deployment namespace is the served model's name (`configure_state`)."""
+    deployment = tta_state.current_config().deployment
+
+    def count(event: tta_state.Rejection) -> None:
+        if event.deployment == deployment:
+            metrics.observe_state_rejected(model_name, event.owner, event.source)
+
+    return tta_state.on_rejected(count)
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:
