@@ -3,6 +3,7 @@ calibrated zero-shot temperature in `auto` and the drift monitor (no stored bund
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -185,3 +186,42 @@ def test_grid_candidates_put_the_defaults_first() -> None:
         if name != "gda":  # gda's default alpha (None: cross-validated) is a serving choice, not in the paper's grid
             assert cls.Options.from_dict(candidates[0]) == cls.Options()
     assert offline.grid_candidates("zeroshot") == [{}]
+
+
+def _bundle(path, seed: int = 0) -> None:  # noqa: ANN001
+    """A small synthetic bundle in the real bundles' format (float16 features, int64 labels)."""
+    rng = np.random.default_rng(seed)
+    text = rng.normal(size=(C, D))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % C
+        x = text[y] + 0.8 * rng.normal(size=(n, D))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16), y.astype(np.int64)
+
+    test, val, shots = split(60), split(30), split(4 * C)
+    np.savez(path, test_features=test[0], test_labels=test[1], val_features=val[0], val_labels=val[1],
+             cache_keys_16shot=shots[0], cache_labels_16shot=shots[1], text_weights=text.astype(np.float32))
+
+
+def test_eval_features_cli_runs_the_protocol_and_lists_skipped_methods(tmp_path, capsys) -> None:
+    from tta.cli import main
+
+    path = tmp_path / "toy_vitb16.npz"
+    _bundle(path)
+    out = tmp_path / "out.json"
+    rc = main(["eval", "--features", str(path), "--methods", "zeroshot,gda,tpt", "--orders", "2",
+               "--json", str(out), "--csv", str(tmp_path / "out.csv"), "--no-progress", "--calibrate"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tpt" in printed and "skipped" in printed and "--drift-temperature" in printed
+    body = json.loads(out.read_text())
+    (report,) = body["datasets"]
+    assert report["dataset"] == "toy" and set(report["skipped"]) == {"tpt"}
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"zeroshot", "gda"}
+    assert rows["zeroshot"]["gain"] == 0.0 and rows["zeroshot"]["orders"] == 2
+    assert rows["gda"]["feedback_ms"] > 0 and "alpha" in rows["gda"]["options"]  # chosen on val from its grid
+    assert rows["gda"]["val_candidates"] == len(offline.grid_candidates("gda"))
+    assert body["calibration"][0]["temperature"] > 0
+    assert main(["eval", "--features", str(tmp_path / "absent.npz"), "--no-progress"]) == 2
