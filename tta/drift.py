@@ -62,30 +62,45 @@ OWNER = "drift"
 STATE_VERSION = 1
 ENV_REFERENCE_SIZE = "TTA_DRIFT_REFERENCE_SIZE"
 ENV_WINDOW = "TTA_DRIFT_WINDOW"
+ENV_TEMPERATURE = "TTA_DRIFT_TEMPERATURE"
 MAX_SIZE = 100_000
 
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """Sizes, in answered images: the reference capture and each worker's sliding window."""
+    """Sizes, in answered images: the reference capture and each worker's sliding window; and the
+    zero-shot temperature the confidence signals use.
+
+    `temperature`: the zero-shot temperature fitted on a labelled validation split (`tta eval
+    --features ... --calibrate`); the entropy and confidence signals then read softmax(log p / T),
+    calibrated probabilities, so a confidence shift is a shift in the chance of being right. None =
+    the model's own probabilities.
+    """
 
     reference_size: int = 512
     window: int = 256
     sync_s: float = 1.0  # a frozen reference looks for another worker's re-capture this often
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("reference_size", "window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_SIZE:
                 raise ValueError(f"drift {name} must be an integer in [2, {MAX_SIZE}], got {value!r}")
+        t = self.temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0.01 <= t <= 100.0):
+            raise ValueError(f"drift temperature must be a number in [0.01, 100] or unset, got {t!r}")
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> DriftConfig:
-        """The archive's `drift_reference_size` / `drift_window`; TTA_DRIFT_* environment variables win."""
+        """The archive's `drift_reference_size` / `drift_window` / `drift_temperature`; TTA_DRIFT_*
+        environment variables win."""
         env = os.environ if env is None else env
         size = env.get(ENV_REFERENCE_SIZE) or config.get("drift_reference_size") or cls.reference_size
         window = env.get(ENV_WINDOW) or config.get("drift_window") or cls.window
-        return cls(reference_size=int(size), window=int(window))
+        temperature = env.get(ENV_TEMPERATURE) or config.get("drift_temperature")
+        return cls(reference_size=int(size), window=int(window),
+                   temperature=None if temperature in (None, "") else float(temperature))
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +391,8 @@ class DriftMonitor:
         if default_labels and zeroshot_probs is not None and zeroshot_probs.numel() == len(self.meta["labels"]):
             p = zeroshot_probs.detach().double().reshape(-1).cpu().clamp_min(1e-12)
             p = p / p.sum()
+            if self.config.temperature is not None:  # calibrated: softmax(logits / T) from log p
+                p = (p.log() / self.config.temperature).softmax(-1).clamp_min(1e-12)
             cls = int(p.argmax())
             entropy = float(-(p * p.log()).sum() / math.log(p.numel())) if p.numel() > 1 else 0.0
             confidence = float(p.max())

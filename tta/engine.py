@@ -7,6 +7,7 @@ by decoding requests and calling `Engine.predict`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -495,6 +496,38 @@ class Engine:
                 return impl.feedback(request, self.labels.names.index(label))
             with feature_input(self.clip, embedding):
                 return impl.feedback(request, self.labels.names.index(label))
+
+    def feedback_many(self, labels: Sequence[str], method: str, images: Sequence[torch.Tensor] | None = None,
+                      features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                      seed: int | None = None) -> dict[str, Any]:
+        """Many labelled examples for `method` (`Method.feedback_many`: GDA refits once for all).
+
+        Give `images` (uint8 [3, H, W] each) or `features` (original-view embeddings, [N, d] or a
+        list of [d]); every label and embedding is checked before any state changes.
+        """
+        if (images is None) == (features is None):
+            raise BadRequest("give either images or features", code="bad_feedback")
+        unknown = sorted({label for label in labels if label not in self.labels.names})
+        if unknown:
+            raise BadRequest(f"unknown label(s) {unknown[:5]}: not in the deployment's label set", code="unknown_label")
+        examples = list(images) if images is not None else list(features)  # type: ignore[arg-type]
+        if len(examples) != len(labels):
+            raise BadRequest(f"{len(examples)} examples but {len(labels)} labels", code="bad_feedback")
+        impl = self.method(method)
+        embeddings = [self.check_features(f) for f in examples] if features is not None else None
+        index = {name: i for i, name in enumerate(self.labels.names)}
+        base = self.seed if seed is None else int(seed)
+        with self._lock:
+            text_features = self.text_cache.get(self.clip, self.labels)
+            requests = [MethodInput(image=placeholder_image(self.clip) if embeddings is not None else examples[i],
+                                    labels=self.labels, text_features=text_features, options=impl.defaults,
+                                    generator=torch.Generator().manual_seed(base + i), timer=StageTimer(self.clip.device))
+                        for i in range(len(examples))]
+
+            def scope(i: int) -> Any:
+                return feature_input(self.clip, embeddings[i]) if embeddings is not None else contextlib.nullcontext()
+
+            return impl.feedback_many(requests, [index[label] for label in labels], scope)
 
     def feedback_answer(self, feature: torch.Tensor, label_index: int, method: str,
                         served_correct: bool) -> dict[str, Any]:

@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-window", type=int, default=256,
                         help="each worker's sliding window of answered images compared with the reference; env "
                              "TTA_DRIFT_WINDOW wins (default: %(default)s)")
+    parser.add_argument("--drift-temperature", type=float, default=None,
+                        help="zero-shot temperature for the drift confidence signals, fitted by `tta eval --features "
+                             "... --calibrate`; env TTA_DRIFT_TEMPERATURE wins (default: none, uncalibrated)")
     parser.add_argument("--answers-max-entries", type=int, default=10_000,
                         help="answers each worker remembers for labels sent later by answer id (0: none; "
                              "docs/monitoring/labelled-answers.md) (default: %(default)s)")
@@ -125,6 +128,7 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "state_every": args.state_every,
             "drift_reference_size": args.drift_reference_size,
             "drift_window": args.drift_window,
+            "drift_temperature": args.drift_temperature,
             "answers_max_entries": args.answers_max_entries,
             "answers_ttl_s": args.answers_ttl,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
@@ -158,7 +162,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     from tta.drift import DriftConfig
 
     try:
-        DriftConfig(args.drift_reference_size, args.drift_window)
+        DriftConfig(args.drift_reference_size, args.drift_window, temperature=args.drift_temperature)
     except ValueError as exc:
         raise TTAError(str(exc)) from exc
     for flag in ("workers", "batch_size", "max_batch_images"):

@@ -15,6 +15,12 @@ the cheapest (mean ms) whose accuracy is within ``--tolerance`` of the best fixe
 best threshold when no fixed method is evaluated); `auto` is then run for real at that threshold,
 and the command prints the ``--method-defaults`` to deploy it. ``--plot`` draws accuracy against
 mean cost.
+
+``--features A.npz [B.npz ...]`` evaluates stored CLIP features instead (`tta.offline`): every
+method that can answer from an embedding runs through `Engine.predict_features` in the papers'
+online protocol (seeded orders, hyper-parameters chosen on val, gains with paired intervals, ECE);
+methods that need pixels are listed as skipped with the reason. ``--calibrate`` fits the zero-shot
+temperature on val and prints the deployment flags that use it. ``--plot`` then draws the gains.
 """
 
 from __future__ import annotations
@@ -37,9 +43,18 @@ BUILTIN_SETS = ("digits",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a folder of class_name/image files, or a built-in set: digits")
-    parser.add_argument("--methods", default="zeroshot,tpt,zero",
-                        help="comma-separated methods (see `tta methods`) (default: %(default)s)")
+    parser.add_argument("data", nargs="?", help="a folder of class_name/image files, or a built-in set: digits")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods (see `tta methods`) (default: zeroshot,tpt,zero; with "
+                             "--features every registered method that runs on embeddings)")
+    parser.add_argument("--features", nargs="+", metavar="BUNDLE.npz",
+                        help="stored CLIP feature bundles (test/val/16-shot/text classifier) instead of DATA: the "
+                             "papers' online protocol through the served methods (see tta.offline)")
+    parser.add_argument("--orders", type=int, default=3, help="--features: seeded test-stream orders (default: %(default)s)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="--features: keep the methods' defaults instead of choosing from val_grid on val")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="--features: fit the zero-shot temperature on val; its effect on ECE and on auto's sweep")
     parser.add_argument("--model", default=None,
                         help="CLIP spec (default: tiny-digits for 'digits', tiny-random otherwise)")
     parser.add_argument("--templates", default="single", help="'single' or 'imagenet' (default: %(default)s)")
@@ -61,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gate thresholds for --sweep (default: %(default)s)")
     parser.add_argument("--tolerance", type=float, default=0.005,
                         help="--sweep picks the cheapest threshold within this accuracy of the best (default: %(default)s)")
-    parser.add_argument("--plot", metavar="PNG", help="with --sweep: accuracy vs mean cost figure")
+    parser.add_argument("--plot", metavar="PNG", help="with --sweep: accuracy vs mean cost figure; with --features: gain per method and dataset")
 
 
 def latency_stats(lat: list[float], scale: float = 1.0) -> dict[str, float]:
@@ -306,11 +321,16 @@ def plot_sweep(path: str, sweep: list[dict[str, Any]], fixed: list[dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.features:
+        return run_features(args)
+    if not args.data:
+        print("tta: error: give DATA (a folder or a built-in set) or --features BUNDLE.npz", file=sys.stderr)
+        return 2
     try:
         from tta.methods.base import get_method_class
         from tta.models import load_model, resolve_device
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or "zeroshot,tpt,zero").split(",") if m.strip()]
         if not methods:
             raise BadRequest("--methods is empty", code="bad_options")
         for method in methods:
@@ -418,3 +438,54 @@ def _thresholds(text: str) -> list[float]:
     if not values or not all(0.0 <= v <= 1.0 for v in values):
         raise BadRequest("--thresholds must be numbers in [0, 1]", code="bad_options")
     return values
+
+
+def run_features(args: argparse.Namespace) -> int:
+    """`tta eval --features A.npz [B.npz ...]`: the online protocol on stored features (tta.offline)."""
+    from tta import offline
+    from tta.methods.base import get_method_class, list_methods
+
+    try:
+        if args.data:
+            raise BadRequest("give DATA or --features, not both", code="bad_options")
+        if args.orders < 1:
+            raise BadRequest("--orders must be at least 1", code="bad_options")
+        methods = list_methods() if not args.methods or args.methods == "all" else \
+            [m.strip() for m in args.methods.split(",") if m.strip()]
+        for method in methods:
+            get_method_class(method)
+        overrides = method_options(args.option, methods)
+        bundles = [offline.load_bundle(path) for path in args.features]
+        reports, calibrations = [], []
+        for bundle in bundles:
+            report = offline.evaluate_bundle(bundle, methods, orders=args.orders, overrides=overrides,
+                                             tune=not args.no_tune, progress=not args.no_progress)
+            reports.append(report)
+            print(offline.format_results(report) + "\n")
+            if args.calibrate:
+                cal = offline.calibrate_bundle(bundle, tda_options=report["chosen"].get("tda"),
+                                               progress=not args.no_progress)
+                calibrations.append(cal)
+                print(offline.format_calibration(cal))
+                defaults = json.dumps({"auto": {**offline.FEATURE_OPTIONS["auto"], "temperature": round(cal["temperature"], 4)}})
+                print(f"  deploy it with: tta archive ... --method-defaults '{defaults}' "
+                      f"--drift-temperature {cal['temperature']:.4f}\n")
+    except TTAError as exc:
+        print(f"tta: error: {exc}", file=sys.stderr)
+        return 2
+    averages = offline.average(reports)
+    if len(reports) > 1:
+        print(offline.format_average(averages, len(reports)))
+    body = {"protocol": offline.PROTOCOL, "datasets": reports, "average": averages, "calibration": calibrations}
+    if args.json:
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    if args.csv:
+        rows = offline.csv_rows(reports, averages)
+        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        offline.plot_gains(args.plot, reports, averages, "gain over zero-shot, 95% paired intervals")
+    return 0
+

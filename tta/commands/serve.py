@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "1000 Redis)")
     parser.add_argument("--token-file", help=f"file holding the bearer token infer requests must send "
                                              f"(default: env {TOKEN_ENV}; none: no authentication)")
+    parser.add_argument("--drift-temperature", type=float, default=None,
+                        help="zero-shot temperature for the drift confidence signals (`tta eval --features ... "
+                             "--calibrate`); env TTA_DRIFT_TEMPERATURE wins (default: none)")
     parser.add_argument("--answers-max-entries", type=int, default=10_000,
                         help="answers each worker remembers for labels sent later by answer id (0: none; "
                              "docs/monitoring/labelled-answers.md) (default: %(default)s)")
@@ -102,8 +105,16 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_image_pixels": args.max_image_pixels, "max_image_bytes": args.max_image_bytes,
         "metrics_port": args.metrics_port, "warmup": not args.no_warmup, "device": args.device,
         "state_dir": args.state_dir, "state_url": args.state_url, "state_every": args.state_every,
+        "drift_temperature": args.drift_temperature,
         "answers_max_entries": args.answers_max_entries, "answers_ttl_s": args.answers_ttl,
     }
+    if args.drift_temperature is not None:
+        from tta.drift import DriftConfig
+
+        try:
+            DriftConfig(temperature=args.drift_temperature)
+        except ValueError as exc:
+            raise TTAError(str(exc)) from exc
     if args.labels_file:
         config["labels_file"] = str(Path(args.labels_file).resolve())
     else:

@@ -9,6 +9,7 @@ a method is adding one file under `tta/methods/`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -230,6 +231,23 @@ class Method(ABC):
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """Learn from a labelled example (e.g. GDA's support set); most methods take none."""
         raise BadRequest(f"method '{self.name}' does not learn from labelled feedback", code="feedback_unsupported")
+
+    def feedback_many(self, requests: Sequence[MethodInput], label_indices: Sequence[int],
+                      scope: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
+        """Many labelled examples at once (a support set, a labelled cache); one reply for all.
+
+        `scope(i)` is the context in which example i is encoded (for an example that carries an
+        embedding instead of pixels, `tta.features.feature_input`). The default is `feedback` one
+        example at a time; a method whose feedback refits (GDA) overrides it to refit once.
+        """
+        if len(requests) != len(label_indices):
+            raise BadRequest("one label per example", code="bad_feedback")
+        correct = 0
+        for i, (request, label) in enumerate(zip(requests, label_indices, strict=True)):
+            with scope(i) if scope is not None else contextlib.nullcontext():
+                reply = self.feedback(request, int(label))
+            correct += bool(reply.get("correct", False))
+        return {"method": self.name, "examples": len(requests), "correct_before": correct}
 
     def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: LabelSet, text_features: torch.Tensor,
                         served_correct: bool) -> dict[str, Any]:

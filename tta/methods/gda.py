@@ -194,6 +194,7 @@ class GDA(StreamStateMixin, Method):
     batch_encoding = "original"
     learns_from_answers = True  # a label for an earlier answer (by id) adds that answer's feature to the support set
     state_version = 1
+    val_grid = {"alpha": ALPHA_GRID}  # the paper's grid, searched on the validation split
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
@@ -358,6 +359,27 @@ class GDA(StreamStateMixin, Method):
         reply = {"method": self.name, "label": request.labels.names[label_index],
                  "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
                  "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
+
+    def feedback_many(self, requests: Sequence[MethodInput], label_indices: Sequence[int],
+                      scope: Any = None) -> dict[str, Any]:
+        """A labelled set (e.g. 16 shots per class) as one `support` operation with one refit, not
+        one refit per example; each example is encoded inside `scope(i)` (its embedding, if any)."""
+        import contextlib
+
+        if len(requests) != len(label_indices):
+            raise BadRequest("one label per example", code="bad_feedback")
+        if not requests:
+            return {"method": self.name, "examples": 0, "support_total": len(self.support)}
+        opts: GDAOptions = requests[0].options  # type: ignore[assignment]
+        feats = []
+        for i, request in enumerate(requests):
+            with scope(i) if scope is not None else contextlib.nullcontext(), request.timer.stage("encode"):
+                feats.append(self._encode(request.image, opts.support_views, request.generator).detach().float().cpu())
+        self._bind_labels(requests[0].labels.names)
+        available = self.add_examples(feats, [int(v) for v in label_indices], requests[0].text_features, opts)
+        reply = {"method": self.name, "examples": len(requests), "support_total": len(self.support),
+                 "refit_ms": round(self.last_refit_ms, 3)}
         return self._flag(reply, available)
 
     def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: Any, text_features: torch.Tensor,

@@ -111,6 +111,9 @@ class TDA(StreamStateMixin, Method):
     description = "positive/negative caches of past confident features; forward only, state kept per deployment"
     batch_encoding = "views"
     state_version = 1
+    # the positive cache's alpha/beta are what the repo's per-dataset configs tune (caltech101 5/5,
+    # dtd 2/3, oxford_flowers 1/5, oxford_pets 2/7); the defaults come first (they win ties)
+    val_grid = {"pos_alpha": (2.0, 1.0, 5.0), "pos_beta": (5.0, 3.0, 7.0)}
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)

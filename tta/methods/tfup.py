@@ -175,6 +175,7 @@ class TFUP(StreamStateMixin, Method):
     description = "cache of confident, prototypical past requests (pseudo-labelled); forward only"
     batch_encoding = "original"
     state_version = 1
+    val_grid = {"alpha": (0.3, 0.1, 1.0)}  # the repo's residual weight first (it wins ties)
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
@@ -347,6 +348,7 @@ class TFUPT(TFUP):
     Options = TFUPTOptions
     description = "TFUP plus periodically trained text/image adapters (bounded steps on buffered features)"
     state_version = 1
+    val_grid = {"alpha": (0.3, 1.0)}  # smaller than TFUP's: each pass pays the adapters' training rounds
 
     def _extra_init(self) -> None:
         self._new_adapters()
