@@ -19,9 +19,9 @@ import torch
 
 from tta.admission import Budget, estimate
 from tta.drift import DriftConfig, DriftMonitor, DriftSignals
-from tta.errors import BadRequest, Unavailable
+from tta.errors import BadRequest, PixelsRequired, Unavailable
 from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
-from tta.features import encode_images, precomputed_features
+from tta.features import encode_images, feature_input, placeholder_image, precomputed_features
 from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
 from tta.models import ClipModel
 from tta.text import LabelSet, TextFeatureCache
@@ -30,8 +30,6 @@ from tta.timing import StageTimer
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
-# zero-shot is the fallback itself; `auto` stops escalating at the deadline and says so ("stopped_by")
-MANAGES_OWN_DEADLINE = frozenset({"zeroshot", "auto"})
 MAX_OOM_RETRIES = 2  # out of memory: retry with half the views, twice, then answer zero-shot
 
 
@@ -68,15 +66,21 @@ class Prediction:
 
 @dataclass
 class PredictRequest:
-    """One decoded request for `Engine.predict_batch` (the arguments of `Engine.predict`)."""
+    """One decoded request for `Engine.predict_batch` (the arguments of `Engine.predict`).
 
-    image: torch.Tensor
+    `features` instead of `image`: the precomputed, L2-normalised embedding [d] of the image's
+    original view (CLIP's resize + center crop) by this deployment's model; methods that need the
+    pixels answer `PixelsRequired` (400 needs_pixels).
+    """
+
+    image: torch.Tensor | None
     method: str | None = None
     options: Mapping[str, Any] | None = None
     labels: Sequence[str] | None = None
     top_k: int = 5
     seed: int | None = None
     deadline: float | None = None  # absolute time.monotonic(); None = none
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,11 +100,7 @@ class _Job:
     text_features: torch.Tensor | None = None
     shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (views, features) encoded with the batch
     batch: dict[str, Any] | None = None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    features: torch.Tensor | None = None  # the request's own original-view embedding (no pixels)
 
 
 class Engine:
@@ -146,12 +146,8 @@ class Engine:
                 cls = get_method_class(name)
                 defaults = cls.Options.from_dict(self._method_defaults.get(name))
                 instance = cls(self.clip, defaults)
-                bind_engine = getattr(instance, "bind_engine", None)
-                if bind_engine is not None:  # a method that runs others (auto's stream tier) gets the lookup
-                    bind_engine(self.method)
-                bind_deployment = getattr(instance, "bind_deployment", None)
-                if bind_deployment is not None:  # stream state: the deployment's labels, and its classifier for replayed ops
-                    bind_deployment(self.labels.names, lambda: self.text_cache.get(self.clip, self.labels))
+                instance.bind_engine(self.method)
+                instance.bind_deployment(self.labels.names, lambda: self.text_cache.get(self.clip, self.labels))
                 self._methods[name] = instance
             return self._methods[name]
 
@@ -183,6 +179,28 @@ class Engine:
         with self._lock:  # one request at a time per worker: methods share prompts and caches
             return self._finish(job)
 
+    def predict_features(
+        self,
+        features: torch.Tensor,
+        method: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
+        top_k: int = 5,
+        seed: int | None = None,
+        deadline: float | None = None,
+    ) -> Prediction:
+        """`predict` for a precomputed original-view embedding [d] instead of the image.
+
+        The same method objects, options, state and fallbacks run as for an image (offline
+        evaluation on stored features, clients that embed at the edge); a method that needs the
+        pixels, e.g. TPT's augmented views, raises `PixelsRequired` before any state is touched.
+        """
+        start = time.perf_counter()
+        request = PredictRequest(None, method, options, labels, top_k, seed, deadline, features=features)
+        job = self._prepare(request, start)
+        with self._lock:
+            return self._finish(job)
+
     def predict_batch(self, requests: Sequence[PredictRequest]) -> list[Prediction | Exception]:
         """Answer a batch: one answer (or the exception it raised) per request, in order.
 
@@ -205,7 +223,7 @@ class Engine:
                 jobs.append(exc)
         results: list[Prediction | Exception] = []
         with self._lock:
-            prepared = [j for j in jobs if isinstance(j, _Job)]
+            prepared = [j for j in jobs if isinstance(j, _Job) and j.features is None]
             if sum(j.impl.batch_encoding != "none" for j in prepared) > 1:  # else nothing to share: a batch
                 self._encode_shared(prepared)  # of one (the common case) would build its views twice
             for job in jobs:
@@ -228,14 +246,43 @@ class Engine:
         top_k = request.top_k
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise BadRequest(f"top_k must be an integer in [1, {MAX_TOP_K}]", code="bad_options")
-        image = request.image
-        if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise BadRequest("image must be a uint8 RGB tensor [3, H, W]", code="not_an_image")
+        features = None
+        if request.features is not None:
+            features = self.check_features(request.features)
+            reason = impl.feature_input_reason(opts)
+            if reason is not None:
+                raise PixelsRequired(f"method '{name}' cannot answer from an embedding: {reason}")
+            image = placeholder_image(self.clip)
+        else:
+            image = request.image
+            if (not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3
+                    or image.shape[0] != 3):
+                raise BadRequest("image must be a uint8 RGB tensor [3, H, W]", code="not_an_image")
         label_set = self.resolve_labels(request.labels)
         self.admit(opts, label_set)
         seed = self.seed if request.seed is None else int(request.seed)
         return _Job(name=name, impl=impl, options=opts, labels=label_set, top_k=top_k, seed=seed,
-                    image=image, deadline=request.deadline, start=start, timer=StageTimer(self.clip.device))
+                    image=image, deadline=request.deadline, start=start, timer=StageTimer(self.clip.device),
+                    features=features)
+
+    def check_features(self, features: Any) -> torch.Tensor:
+        """A request's embedding as float32 [d] on the model's device, or `BadRequest`: it must be a
+        finite vector of the model's width with unit norm (what the image encoder would produce)."""
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise BadRequest("features must be a float tensor [d]", code="bad_features")
+        flat = features.detach().reshape(-1).float()
+        width = self.clip.embed_dim
+        if features.ndim not in (1, 2) or (features.ndim == 2 and features.shape[0] != 1) or flat.numel() != width:
+            raise BadRequest(f"features must have shape [{width}] (this model's embedding width), "
+                             f"got {list(features.shape)}", code="bad_features")
+        if not bool(torch.isfinite(flat).all()):
+            raise BadRequest("features must be finite", code="bad_features")
+        norm = float(flat.norm())
+        # float16 storage of a unit vector keeps its norm within ~d * 2^-11 relative; 1e-2 is loose
+        # enough for any stored precision and tight enough to catch unnormalised encoder outputs
+        if abs(norm - 1.0) > 1e-2:
+            raise BadRequest(f"features must be L2-normalised (norm {norm:.4f})", code="bad_features")
+        return (flat / norm).to(self.clip.device)
 
     def _input(self, job: _Job) -> MethodInput:
         if job.text_features is None:
@@ -248,7 +295,11 @@ class Engine:
         )
 
     def _finish(self, job: _Job) -> Prediction:
-        output = self._run(job.impl, self._input(job), job.seed, job.shared)
+        if job.features is not None:
+            with feature_input(self.clip, job.features):  # every fallback runs on the embedding too
+                output = self._run(job.impl, self._input(job), job.seed)
+        else:
+            output = self._run(job.impl, self._input(job), job.seed, job.shared)
         job.timer.add("total", (time.perf_counter() - job.start) * 1000.0)
         prediction = self._to_prediction(job.name, job.labels, output, job.top_k, job.timer)
         if job.batch is not None:
@@ -286,7 +337,8 @@ class Engine:
         passes = 0
         for group in groups:
             views = torch.cat([v for _, v in group])
-            sync(self.clip.device)
+            timer = StageTimer(self.clip.device)
+            timer.sync()
             begin = time.perf_counter()
             try:
                 feats = encode_images(self.clip, views, batch_size=max(limit, views.shape[0]))
@@ -294,7 +346,7 @@ class Engine:
                 log.warning("shared encoding of %d images failed; requests encode one by one", views.shape[0],
                             exc_info=True)
                 continue
-            sync(self.clip.device)
+            timer.sync()
             ms = (time.perf_counter() - begin) * 1000.0
             passes += 1
             offset = 0
@@ -333,7 +385,7 @@ class Engine:
         retries = 0
         while True:
             try:
-                if impl.name not in MANAGES_OWN_DEADLINE and deadline_passed(request.deadline):
+                if not impl.manages_own_deadline and deadline_passed(request.deadline):
                     raise ZeroShotFallback(DEADLINE, "deadline passed before the method started")
                 if shared is not None:
                     with precomputed_features([shared]):
@@ -403,18 +455,27 @@ class Engine:
         with self._lock:
             self.state_owner(method).load_state_dict(state)
 
-    def feedback(self, image: torch.Tensor, label: str, method: str, seed: int | None = None) -> dict[str, Any]:
-        """A labelled example for `method` (GDA support set, online accuracy); unknown labels are 4xx."""
+    def feedback(self, image: torch.Tensor | None, label: str, method: str, seed: int | None = None,
+                 features: torch.Tensor | None = None) -> dict[str, Any]:
+        """A labelled example for `method` (GDA support set, online accuracy); unknown labels are 4xx.
+
+        `features` instead of `image`: the example's original-view embedding (see `predict_features`).
+        """
         if label not in self.labels.names:
             raise BadRequest(f"unknown label '{label}': not in the deployment's label set", code="unknown_label")
         impl = self.method(method)
         timer = StageTimer(self.clip.device)
         generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
+        embedding = self.check_features(features) if features is not None else None
         with self._lock:
             text_features = self.text_cache.get(self.clip, self.labels)
-            request = MethodInput(image=image, labels=self.labels, text_features=text_features,
+            request = MethodInput(image=placeholder_image(self.clip) if embedding is not None else image,
+                                  labels=self.labels, text_features=text_features,
                                   options=impl.defaults, generator=generator, timer=timer)
-            return impl.feedback(request, self.labels.names.index(label))
+            if embedding is None:
+                return impl.feedback(request, self.labels.names.index(label))
+            with feature_input(self.clip, embedding):
+                return impl.feedback(request, self.labels.names.index(label))
 
     def _to_prediction(self, name: str, labels: LabelSet, output: Any, top_k: int, timer: StageTimer) -> Prediction:
         probs = output.probs.detach().float().cpu()

@@ -24,6 +24,15 @@ class BadRequest(TTAError):
             self.code = code
 
 
+class PixelsRequired(BadRequest):
+    """A method (or these options) needs the image itself, but the request carried only its embedding."""
+
+    code = "needs_pixels"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=self.code)
+
+
 class ModelUnavailable(TTAError):
     """Weights or another required asset cannot be had (offline, missing file, bad checkpoint)."""
 

@@ -238,6 +238,34 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return arch, (rest if sep else None)
 
 
+class _EmbeddingSpace(torch.nn.Module):
+    """The parts of a CLIP that classifying stored embeddings needs: the width and the logit scale."""
+
+    def __init__(self, embed_dim: int, logit_scale: float) -> None:
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(logit_scale).log(), requires_grad=False)
+        self.text_projection = torch.nn.Parameter(torch.zeros(0, embed_dim), requires_grad=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise ModelUnavailable("this model holds no image encoder: it classifies precomputed embeddings only")
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise ModelUnavailable("this model holds no text encoder: give the label set's text features")
+
+
+def embedding_model(embed_dim: int, logit_scale: float = 100.0, name: str = "embeddings",
+                    image_size: int = 224) -> ClipModel:
+    """A stand-in CLIP for stored embeddings of a real one (e.g. the CLIP ViT-B/16 feature bundles):
+    no encoders, the given width and logit scale (OpenAI CLIP's is 100). With `Engine.predict_features`
+    and text features put into the engine's cache, every method that works on the original view's
+    embedding runs unchanged; anything that would encode raises `ModelUnavailable`."""
+    if embed_dim < 1 or not logit_scale > 0:
+        raise ValueError("embed_dim must be >= 1 and logit_scale > 0")
+    model = _freeze(_EmbeddingSpace(embed_dim, logit_scale))
+    return ClipModel(model=model, tokenizer=None, name=name, image_size=image_size,
+                     info={"kind": "embeddings", "embed_dim": embed_dim, "logit_scale": logit_scale})
+
+
 def load_model(spec: str, device: str | torch.device = "cpu") -> ClipModel:
     """Return a frozen CLIP (eval mode, no grad) with its tokenizer and preprocessing, on `device`."""
     spec = spec.strip()

@@ -193,6 +193,17 @@ class TextFeatureCache:
                 self._entries.popitem(last=False)
         return feats
 
+    def put(self, clip: ClipModel, labels: LabelSet, features: torch.Tensor) -> None:
+        """Use given class embeddings [C, d] for `labels` (e.g. a stored zero-shot classifier)."""
+        if features.ndim != 2 or features.shape[0] != len(labels):
+            raise ValueError(f"text features must be [{len(labels)}, d], got {list(features.shape)}")
+        feats = torch.nn.functional.normalize(features.detach().float(), dim=-1).to(clip.device)
+        with self._lock:
+            self._entries[(id(clip.model), str(clip.device), labels)] = feats
+            self._entries.move_to_end((id(clip.model), str(clip.device), labels))
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
     def contains(self, clip: ClipModel, labels: LabelSet) -> bool:
         """Whether `get` would be a cache hit (admission prices a miss)."""
         with self._lock:

@@ -20,18 +20,19 @@ class StageTimer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timings_ms: dict[str, float] = {}
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for queued GPU work, so a wall-clock reading counts it (no-op on CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self._sync()
+        self.sync()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
+            self.sync()
             self.add(name, (time.perf_counter() - start) * 1000.0)
 
     def add(self, name: str, ms: float) -> None:

@@ -208,6 +208,7 @@ class Auto(Method):
     Options = AutoOptions
     description = "zero-shot first; escalates to ZERO/TPT only when unsure and the latency budget allows"
     batch_encoding = "original"
+    manages_own_deadline = True  # stops escalating at the deadline and says so ("stopped_by")
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
@@ -216,6 +217,11 @@ class Auto(Method):
         self.latency = TierLatency()
         self._online_threshold: float | None = None
         self._lock = threading.Lock()
+
+    def feature_input_reason(self, options: MethodOptions) -> str | None:
+        """From an embedding, auto can run its single-view tiers only (e.g. ``tiers="zeroshot,tda"``)."""
+        multi = [t.key for t in options.parsed_tiers() if t.views > 1]  # type: ignore[attr-defined]
+        return f"auto's multi-view tiers {multi} need the pixels" if multi else None
 
     def batch_views(self, request: MethodInput) -> torch.Tensor | None:
         """A batch can share the first tier's encoding when that tier is single-view."""
@@ -255,7 +261,13 @@ class Auto(Method):
             with request.timer.stage("predict"):
                 votes = zero_vote(zeroshot_logits(clip, feats, request.text_features), ZeroOptions.gamma)
                 return votes / votes.sum()
-        return self._tpt.adapt_and_predict(request, feats, TPTOptions(n_views=tier.views, augmix=episode.augmix))
+        tpt, base = self._tpt, TPTOptions()
+        if self._lookup is not None:  # the deployment's own TPT instance and its method defaults
+            tpt = self._lookup("tpt")
+            base = tpt.defaults
+        assert isinstance(tpt, TPT) and isinstance(base, TPTOptions)
+        options = dataclasses.replace(base, n_views=tier.views, augmix=episode.augmix)
+        return tpt.adapt_and_predict(request, feats, options)
 
     def bind_engine(self, lookup: Callable[[str], Method]) -> None:
         """The engine's method lookup: a stream tier (`tda`) runs the deployment's own instance."""
@@ -306,8 +318,7 @@ class Auto(Method):
                     break
             tier_start = time.perf_counter()
             probs = self._run_tier(tier, episode, request)
-            if request.timer.device.type == "cuda":
-                torch.cuda.synchronize(request.timer.device)
+            request.timer.sync()
             ms = (time.perf_counter() - tier_start) * 1000.0
             self.latency.observe(tier.key, n_classes, ms)
             if index == 0:

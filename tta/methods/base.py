@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
@@ -154,6 +154,12 @@ class Method(ABC):
     # encode a whole batch in shared passes: "original" (the resize + center-crop view),
     # "views" (`make_views` with the options' n_views/augmix and the request's seed), or "none".
     batch_encoding: ClassVar[Literal["none", "original", "views"]] = "none"
+    # True when the method handles `MethodInput.deadline` itself (zero-shot is the fallback; `auto`
+    # stops escalating); otherwise the engine answers zero-shot once the deadline has passed.
+    manages_own_deadline: ClassVar[bool] = False
+    # Hyper-parameter candidates an offline evaluation may choose from on a validation split
+    # (`tta eval --features ... --tune`), option name -> values; never chosen on test.
+    val_grid: ClassVar[Mapping[str, Sequence[Any]]] = {}
 
     def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
         self.clip = clip
@@ -183,6 +189,26 @@ class Method(ABC):
             return make_views(request.image, clip.image_size, clip.mean, clip.std, spec,
                               generator=generator, device=clip.device)
         return None
+
+    def feature_input_reason(self, options: MethodOptions) -> str | None:
+        """Why this method cannot answer from the original view's embedding alone (None: it can).
+
+        Derived from `batch_encoding`; a method whose first views are not all it encodes overrides it.
+        """
+        if self.batch_encoding == "original":
+            return None
+        n_views = int(getattr(options, "n_views", 1))
+        if self.batch_encoding == "views" and n_views == 1:
+            return None
+        if self.batch_encoding == "views":
+            return f"{self.name} encodes {n_views} augmented views of the pixels (n_views > 1)"
+        return f"{self.name} needs the image's pixels (it encodes views or generated images of it)"
+
+    def bind_engine(self, lookup: Callable[[str], Method]) -> None:
+        """Hook: the engine's method lookup, for a method that runs others (`auto`'s stream tier)."""
+
+    def bind_deployment(self, names: Sequence[str], text: Callable[[], torch.Tensor]) -> None:
+        """Hook: the deployment's labels and text classifier (stream state replays operations with them)."""
 
     def reset(self) -> None:
         """Return to the initial state (episodic methods have none to drop)."""

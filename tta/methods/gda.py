@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from tta.errors import BadRequest
-from tta.features import encode_images
+from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy
 from tta.state import ClassQueues, StreamStateMixin
-from tta.views import ViewSpec, base_view, make_views, normalize
+from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class GDA(StreamStateMixin, Method):
             batch = make_views(image, clip.image_size, clip.mean, clip.std,
                                ViewSpec(n_views=views, scale=(0.5, 1.0)), generator=generator, device=clip.device)
         else:
-            batch = normalize(base_view(image.to(clip.device), clip.image_size), clip.mean, clip.std).unsqueeze(0)
+            batch = original_view(clip, image)
         return encode_images(clip, batch)
 
     def add_examples(self, features: Sequence[torch.Tensor], labels: Sequence[int], text_features: torch.Tensor,
@@ -366,8 +366,7 @@ class GDA(StreamStateMixin, Method):
         opts: GDAOptions = request.options  # type: ignore[assignment]
         clip = self.clip
         with request.timer.stage("encode"):
-            view = normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)
-            feats = encode_images(clip, view.unsqueeze(0))
+            feats = encode_images(clip, original_view(clip, request.image))
         zs_logits = clip.logit_scale * feats[0] @ request.text_features.t()
         zeroshot = zs_logits.softmax(-1)
         if not request.is_default_labels:

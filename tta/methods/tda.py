@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from tta.features import encode_images
+from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
-from tta.views import ViewSpec, base_view, make_views, normalize
+from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class TDA(StreamStateMixin, Method):
                                    ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
                                    generator=request.generator, device=clip.device)
             else:
-                views = normalize(base_view(request.image.to(clip.device), clip.image_size),
-                                  clip.mean, clip.std).unsqueeze(0)
+                views = original_view(clip, request.image)
         with request.timer.stage("encode"):
             feats = encode_images(clip, views)
         logits = opts.scale(clip.logit_scale) * feats @ request.text_features.t()

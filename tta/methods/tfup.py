@@ -40,10 +40,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tta.features import encode_images
+from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.state import ClassQueues, StreamStateMixin
-from tta.views import base_view, normalize
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +264,7 @@ class TFUP(StreamStateMixin, Method):
         opts: TFUPOptions = request.options  # type: ignore[assignment]
         clip = self.clip
         with request.timer.stage("encode"):
-            view = normalize(base_view(request.image.to(clip.device), clip.image_size), clip.mean, clip.std)
-            feats = encode_images(clip, view.unsqueeze(0))
+            feats = encode_images(clip, original_view(clip, request.image))
         text = request.text_features
         zs_logits = clip.logit_scale * feats[0] @ text.t()
         zeroshot = zs_logits.softmax(-1)

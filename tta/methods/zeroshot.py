@@ -20,6 +20,7 @@ class ZeroShot(Method):
     Options = ZeroShotOptions
     description = "plain CLIP, one forward pass; the cheapest and the reference for the others"
     batch_encoding = "original"
+    manages_own_deadline = True  # it is the fallback itself
 
     def predict(self, request: MethodInput) -> MethodOutput:
         clip = self.clip
