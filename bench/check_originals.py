@@ -194,9 +194,11 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=64, help="synthetic views per image where a method uses views")
     parser.add_argument("--noise", type=float, default=0.5, help="view noise (cosine to the original ~ 1/sqrt(1+noise^2))")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "check_originals.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
     configure(StateConfig())  # in-process state
     torch.manual_seed(args.seed)
     bundle = load_bundle(args.bundle)

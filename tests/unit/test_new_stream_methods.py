@@ -10,7 +10,7 @@ import torch
 
 from bench.feature_stream import FeatureDriver
 from tta.methods.boostadapter import boosted_cache, boosting_views
-from tta.methods.dota import fit_step, fusion_weight, gaussian_scores, precision_matrix, shared_covariance
+from tta.methods.dota import discriminant, fit_step, fusion_weight, gaussian_scores, precision_matrix, shared_covariance
 from tta.methods.dpe import evolve, info_nce, prototypes
 from tta.state import ClassQueues
 
@@ -183,3 +183,39 @@ def test_dpe_one_step_moves_the_answer_and_confident_answers_evolve_the_prototyp
     # T <- T n/(n+1) + T'/(n+1) with T' the requests' normalised adapted prototypes: moved, rows within the unit ball
     assert moved.method.text is not None and not torch.allclose(moved.method.text, text)
     assert torch.all(moved.method.text.norm(dim=-1) <= 1.0 + 1e-6)
+
+
+# --- feature input (Engine.predict_features) ---------------------------------------------------
+@pytest.mark.parametrize("method", ["dota", "dpe", "boostadapter"])
+def test_embeddings_answer_as_images_do_with_one_view(tiny_clip, method: str) -> None:
+    """One view: the same answers and state from the original view's embedding as from the image;
+    with views, dpe / boostadapter refuse an embedding before any state changes."""
+    from tests.unit.test_feature_input import _assert_same_state, _embedding, _images
+    from tta.engine import Engine
+    from tta.errors import PixelsRequired
+    from tta.text import LabelSet
+
+    labels = LabelSet.create(["cat", "dog", "car", "cup"])
+    defaults = {method: {"n_views": 1}}
+    by_image, by_embedding = Engine(tiny_clip, labels, method_defaults=defaults), Engine(tiny_clip, labels, method_defaults=defaults)
+    for image in _images(8):
+        a = by_image.predict(image, method=method)
+        b = by_embedding.predict_features(_embedding(tiny_clip, image), method=method)
+        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=0)
+    _assert_same_state(by_image.export_state(method), by_embedding.export_state(method))
+    if method != "dota":
+        before = by_embedding.export_state(method)
+        with pytest.raises(PixelsRequired):
+            by_embedding.predict_features(_embedding(tiny_clip, _images(1)[0]), method=method, options={"n_views": 8})
+        _assert_same_state(before, by_embedding.export_state(method))
+
+
+def test_dota_discriminant_equals_the_inverse_form():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 6, generator=gen)
+    sigma = a @ a.t() / 6
+    mu, x = torch.randn(4, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    weights, bias = discriminant(mu, sigma, 0.01)
+    reference = gaussian_scores(x, mu, precision_matrix(sigma, 0.01))
+    # float32 scores of magnitude ~|x| |mu| / epsilon: compare relative to that magnitude
+    torch.testing.assert_close(x @ weights.t() + bias, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
