@@ -219,3 +219,35 @@ def test_dota_discriminant_equals_the_inverse_form():
     reference = gaussian_scores(x, mu, precision_matrix(sigma, 0.01))
     # float32 scores of magnitude ~|x| |mu| / epsilon: compare relative to that magnitude
     torch.testing.assert_close(x @ weights.t() + bias, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+# --- auto's stream tier ------------------------------------------------------------------------
+@pytest.mark.parametrize("method, defaults", [("dota", {}), ("dpe", {"n_views": 1}), ("boostadapter", {"n_views": 1})])
+def test_auto_stream_tier_is_the_deployments_method(tiny_clip, sample_images, method: str, defaults: dict) -> None:
+    """At gate 0 auto answers what the stream method answers, and updates the same state."""
+    from tests.unit.test_feature_input import _assert_same_state
+    from tta.engine import Engine
+    from tta.text import LabelSet
+
+    labels = LabelSet.create(["cat", "dog", "car", "rocket", "cup"])
+    via_auto = Engine(tiny_clip, labels, default_method="auto",
+                      method_defaults={"auto": {"tiers": f"{method},zero:4", "threshold": 0.0}, method: defaults})
+    direct = Engine(tiny_clip, labels, default_method=method, method_defaults={method: defaults})
+    for name, image in sample_images.items():
+        a, d = via_auto.predict(image), direct.predict(image)
+        assert a.extra["tier"] == method and a.extra["encoded_images"] == 1, name
+        torch.testing.assert_close(a.probs, d.probs, atol=1e-6, rtol=0)
+    _assert_same_state(via_auto.export_state(method), direct.export_state(method))
+
+
+def test_auto_refuses_a_multi_view_or_unknown_stream_tier(tiny_clip, sample_images) -> None:
+    from tta.engine import Engine
+    from tta.errors import BadRequest
+    from tta.text import LabelSet
+
+    engine = Engine(tiny_clip, LabelSet.create(["cat", "dog", "car"]), default_method="auto")
+    with pytest.raises(BadRequest, match="original view only"):  # dpe's deployment default: 64 views
+        engine.predict(sample_images["chelsea"], options={"tiers": "dpe,zero:4", "threshold": 0.0})
+    for bad in ("dota:4", "nosuch,zero:4", "rlcf"):
+        with pytest.raises(BadRequest):
+            engine.predict(sample_images["chelsea"], options={"tiers": bad})
