@@ -2,7 +2,7 @@
 MODEL ?= ViT-B-16:openai
 NAME ?= clip
 
-.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak
+.PHONY: serve archive test-serving k8s image monitoring drift-dashboard soak docs docs-gen docs-serve docs-screenshots
 
 serve:  ## install, build the archive, run TorchServe in the foreground (MODEL=tiny-random offline)
 	MODEL=$(MODEL) NAME=$(NAME) bash scripts/serve.sh
@@ -28,3 +28,16 @@ drift-dashboard:  ## live TorchServe + Prometheus run; draws docs/img/drift-dash
 
 soak:  ## bounded mixed load (3,000 requests, hostile inputs included) on 127.0.0.1; writes bench/results/soak.json
 	.venv/bin/python -m bench.soak --requests $(or $(REQUESTS),3000) --concurrency $(or $(CONCURRENCY),8) --max-seconds $(or $(SECONDS_MAX),900)
+
+docs:  ## build the documentation site strictly into site/ (broken links or anchors fail)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+docs-gen:  ## regenerate docs/reference/* and the generated regions of docs/ from the code and bench/results
+	.venv/bin/python scripts/gen_docs.py
+
+docs-serve:  ## preview the site on http://127.0.0.1:8000 (rebuilds on save)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-screenshots:  ## headless-Chromium screenshots of the built site (desktop + phone) into site-shots/; refreshes docs/img/site-tpt.png
+	bash scripts/docs_screenshots.sh site-shots
+	cp site-shots/tpt-desktop.png docs/img/site-tpt.png

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce bench/results/latest.json and the README performance table with one command.
+# Reproduce bench/results/latest.json and the table on docs/performance.md with one command.
 #   bash bench/run.sh                 # full plan: 10/100/300/1000 classes x 16/64 views (hours on 2 cores)
 #   bash bench/run.sh --quick         # smoke run in seconds (tiny-random)
 # The committed table was made with the reduced plan in bench/README.md (RUN_ARGS below).

@@ -1,1 +1,1 @@
-"""Prometheus rules, the Grafana dashboard and its picture for clip-tta (README: "Monitoring drift")."""
+"""Prometheus rules, the Grafana dashboard and its picture for clip-tta (docs/monitoring/index.md)."""

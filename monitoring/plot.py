@@ -1,6 +1,6 @@
 """Draw the dashboard's main panels from a Prometheus server's `query_range` (Grafana stand-in).
 
-The README picture (docs/img/drift-dashboard.png) is drawn by the live monitoring test from the
+The dashboard picture (docs/img/drift-dashboard.png, shown in docs/monitoring/index.md) is drawn by the live monitoring test from the
 Prometheus it ran against; regenerate it with ``make drift-dashboard``. Standalone, against any
 Prometheus that scrapes clip-tta:
 

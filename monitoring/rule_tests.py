@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from monitoring.rules import ALERTS, RULES_FILE, RUNBOOK
+from monitoring.rules import ALERTS, LABELLED, RULES_FILE, RUNBOOK
 
 TESTS_FILE = RULES_FILE.with_name("clip-tta-rules.test.yml")
 A = {a.name: a for a in ALERTS}
@@ -48,6 +48,11 @@ def req(model: str, method: str, outcome: str, values: str) -> dict[str, str]:
 
 def gauge(name: str, model: str, pod: str, values: str) -> dict[str, str]:
     return {"series": f'{name}{{model="{model}",pod="{pod}"}}', "values": values}
+
+
+def labelled(method: str, zeroshot: str, served: str, values: str, pod: str = "a") -> dict[str, str]:
+    return {"series": f'tta_labelled_answers_total{{model="clip",method="{method}",zeroshot_correct="{zeroshot}",'
+                      f'served_correct="{served}",pod="{pod}"}}', "values": values}
 
 
 def build() -> dict[str, Any]:
@@ -135,6 +140,27 @@ def build() -> dict[str, Any]:
         req("clip", "tda", "ok", "0+100x60"),
         {"series": 'tta_adaptation_changed_total{model="clip",method="tda"}', "values": "0+10x60"},
     ], [("45m", "TTAAdaptationChangesManyAnswers", [])])
+
+    # labelled answers: the sign test on discordant pairs over 6 h (values far from both thresholds:
+    # z and the pair count stay clear of Z and MIN_PAIRS whatever increase() extrapolates at the edges)
+    worse = "TTAAdaptationWorseThanZeroShot"
+    assert LABELLED["window"] == "6h" and LABELLED["min_pairs"] == 30 and LABELLED["z"] == 3.72  # the cases below
+    case("labelled answers: tda loses 1 pair/min over two pods and gains 0.2/min -> fires; zeroshot never differs", [
+        labelled("tda", "true", "false", "0+0.5x480", pod="a"), labelled("tda", "true", "false", "0+0.5x480", pod="b"),
+        labelled("tda", "false", "true", "0+0.2x480"), labelled("tda", "true", "true", "0+5x480"),
+        labelled("tda", "false", "false", "0+2x480"),
+        labelled("zeroshot", "true", "true", "0+5x480"), labelled("zeroshot", "false", "false", "0+2x480"),
+        labelled("zeroshot", "true", "false", "0+0x480"), labelled("zeroshot", "false", "true", "0+0x480"),
+    ], [("10m", worse, []),  # 12 discordant pairs so far: below the minimum of 30
+        ("2h", worse, [exp(worse, {"model": "clip", "method": "tda"}, "7.917")]),
+        ("7h", worse, [exp(worse, {"model": "clip", "method": "tda"}, "13.81")])])
+    case("labelled answers: too few discordant pairs (18 in 6 h, all losses), or no worse than zero-shot: quiet", [
+        labelled("tfup", "true", "false", "0+0.05x480"), labelled("tfup", "false", "true", "0+0x480"),
+        labelled("tda", "true", "false", "0+1x480"), labelled("tda", "false", "true", "0+1x480"),
+        labelled("gda", "true", "false", "0+0.5x480"), labelled("gda", "false", "true", "0+1x480"),
+        labelled("zeroshot", "true", "true", "0+5x480"), labelled("zeroshot", "true", "false", "0+0x480"),
+        labelled("zeroshot", "false", "true", "0+0x480"),
+    ], [("3h", worse, []), ("7h", worse, [])])
 
     return {"rule_files": [RULES_FILE.name], "evaluation_interval": "1m", "tests": tests}
 

@@ -49,9 +49,12 @@ class Prediction:
     image_features: torch.Tensor | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
     drift: DriftSignals | None = field(default=None, repr=False)  # set when the engine monitors drift
+    labels: LabelSet | None = field(default=None, repr=False)  # the label set the answer is of
+    answer_id: str | None = None  # set by a server that remembers answers for later labels
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {"id": self.answer_id} if self.answer_id is not None else {}
+        out |= {
             "label": self.label,
             "score": round(self.score, 6),
             "top_k": self.top_k,
@@ -477,6 +480,15 @@ class Engine:
             with feature_input(self.clip, embedding):
                 return impl.feedback(request, self.labels.names.index(label))
 
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, method: str,
+                        served_correct: bool) -> dict[str, Any]:
+        """A label for an earlier answer of `method` on the deployment's labels, with the original-view
+        feature that answer saw (methods with `learns_from_answers`: GDA's support set)."""
+        impl = self.method(method)
+        with self._lock:
+            text_features = self.text_cache.get(self.clip, self.labels)
+            return impl.feedback_answer(feature, label_index, self.labels, text_features, served_correct)
+
     def _to_prediction(self, name: str, labels: LabelSet, output: Any, top_k: int, timer: StageTimer) -> Prediction:
         probs = output.probs.detach().float().cpu()
         zs = output.zeroshot_probs.detach().float().cpu()
@@ -490,7 +502,7 @@ class Engine:
             label=labels.names[best], score=float(values[0]), top_k=top, method=name,
             changed_by_adaptation=best != zs_best, timings_ms=dict(timer.timings_ms),
             zeroshot_label=labels.names[zs_best], probs=probs, zeroshot_probs=zs,
-            image_features=feats, extra=dict(output.extra),
+            image_features=feats, extra=dict(output.extra), labels=labels,
         )
 
 

@@ -168,6 +168,11 @@ class ServingMetrics:
             "tta_state_actions", "Stream-state operations (state, reset, export, import, feedback) by outcome",
             ["model", "method", "action", "outcome"], registry=r,
         )
+        self.labelled_answers = Counter(
+            "tta_labelled_answers",
+            "Earlier answers labelled by a client later: whether zero-shot and the served answer were right",
+            ["model", "method", "zeroshot_correct", "served_correct"], registry=r,
+        )
         self.state_entries = Gauge(
             "tta_stream_state_entries", "Entries held by a stream method's state (cache, buffer, support set)",
             ["model", "method"], registry=r, multiprocess_mode="max",
@@ -210,6 +215,11 @@ class ServingMetrics:
     def observe_state_action(self, model: str, method: str, action: str, outcome: str) -> None:
         self.state_actions.labels(model, self.method_label(method), action, outcome).inc()
 
+    def observe_labelled_answer(self, model: str, method: str, zeroshot_correct: bool, served_correct: bool) -> None:
+        """A label that arrived for an earlier answer (the alert compares the discordant pairs)."""
+        self.labelled_answers.labels(model, self.method_label(method), "true" if zeroshot_correct else "false",
+                                     "true" if served_correct else "false").inc()
+
     def method_label(self, method: str) -> str:
         """`method` when the server has it, else UNKNOWN_METHOD (bounded label values)."""
         if self.known_methods is None or method in self.known_methods:
@@ -243,6 +253,9 @@ class ServingMetrics:
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(model, method, reason)
         self.state_unavailable.labels(model, method)
+        for zeroshot in ("true", "false"):  # zeros before the first label arrives (rate() and the alert)
+            for served in ("true", "false"):
+                self.labelled_answers.labels(model, method, zeroshot, served)
         self.embedding_shift.labels(model)  # empty until the drift reference is captured
 
     def observe_prediction(

@@ -27,7 +27,7 @@ import requests
 
 from tests.integration.conftest import LABELS, MAX_LABELS, MAX_PIXELS, MODEL
 from tests.integration.kserve_server import KServe
-from tests.integration.test_server import _bomb_png
+from tests.integration.test_server import _bomb_png, post_json
 from tests.integration.torchserve import TorchServe
 from tta.metrics import sample_values
 
@@ -282,3 +282,41 @@ def test_oversized_body_is_refused_before_decoding(kserve: KServe) -> None:
         reply = requests.post(infer, data=data, headers={**kserve.auth, "Content-Type": "application/json"},
                               timeout=60)
         assert reply.status_code == 413 and reply.json()["error"] == "request_too_large", reply.text
+
+
+def test_labelled_answers_match_torchserve(kserve: KServe, server: TorchServe, photos: dict[str, bytes]) -> None:
+    """Ids on every answer form (v1 JSON, OIP REST and gRPC), the label action counted on /metrics,
+    and its refusals answered with TorchServe's status and error code."""
+    predict = f"{kserve.url}/v1/models/{MODEL}:predict"
+
+    def count() -> float:
+        text = requests.get(f"{kserve.url}/metrics", timeout=30).text
+        return sum(sample_values(text, "tta_labelled_answers_total", {"model": MODEL, "method": "tda",
+                                                                       "served_correct": "true"}))
+
+    answer = requests.post(predict, json={"image": b64(photos["chelsea"]), "method": "tda"}, headers=kserve.auth,
+                           timeout=60).json()
+    before = count()
+    labelled = requests.post(predict, json={"action": "feedback", "id": answer["id"], "label": answer["label"]},
+                             headers=kserve.admin, timeout=60)
+    assert labelled.status_code == 200, labelled.text
+    assert labelled.json()["feedback"]["served_correct"] is True and count() - before == 1
+    for protocol, (triton, client) in clients(kserve).items():
+        result = client.infer(MODEL, [image_input(triton, [photos["coffee"], photos["rocket"]], binary=True)],
+                              headers=kserve.auth)
+        response = result.get_response()
+        ids = (response["parameters"]["answer_ids"] if protocol == "http"
+               else response.parameters["answer_ids"].string_param).split(",")
+        assert len(ids) == 2 and all(len(i) == 37 for i in ids), protocol
+    ts_answer = post_json(server, {"image": b64(photos["chelsea"]), "method": "zeroshot"}).json()
+    ks_answer = requests.post(predict, json={"image": b64(photos["chelsea"]), "method": "zeroshot"},
+                              headers=kserve.auth, timeout=60).json()
+    for make in (lambda a: {"action": "feedback", "id": a["id"], "label": "giraffe"},
+                 lambda a: {"action": "feedback", "id": "no-such-answer", "label": "cat"},
+                 lambda a: {"action": "feedback", "id": a["id"]},
+                 lambda a: {"action": "feedback", "id": a["id"], "label": "cat", "method": "tda"}):
+        ts = post_json(server, make(ts_answer))
+        ks = requests.post(predict, json=make(ks_answer), headers=kserve.admin, timeout=60)
+        assert 400 <= ks.status_code < 500 and (ks.status_code, ks.json()["error"]) == (ts.status_code, ts.json()["error"])
+    ts_other = post_json(server, {"action": "feedback", "id": ks_answer["id"], "label": "cat"})  # answered by kserve
+    assert (ts_other.status_code, ts_other.json()["error"]) == (404, "answer_elsewhere")

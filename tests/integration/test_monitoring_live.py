@@ -12,7 +12,7 @@ Documented overrides, no expression edited: the server's drift sizes are small
 (`monitoring.rules.render_rules(for_override=...)`).
 
 With TTA_DRIFT_PICTURE=path (``make drift-dashboard``) the dashboard picture of this run is
-written there (docs/img/drift-dashboard.png in the README).
+written there (docs/img/drift-dashboard.png on docs/monitoring/index.md).
 """
 
 from __future__ import annotations

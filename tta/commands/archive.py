@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-window", type=int, default=256,
                         help="each worker's sliding window of answered images compared with the reference; env "
                              "TTA_DRIFT_WINDOW wins (default: %(default)s)")
+    parser.add_argument("--answers-max-entries", type=int, default=10_000,
+                        help="answers each worker remembers for labels sent later by answer id (0: none; "
+                             "docs/monitoring/labelled-answers.md) (default: %(default)s)")
+    parser.add_argument("--answers-ttl", type=float, default=86_400.0,
+                        help="seconds an answer stays labellable (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction at worker start")
     parser.add_argument("--archive-format", choices=("default", "no-archive", "tgz"), default="default",
                         help="'no-archive' writes an unpacked folder (faster cold start)")
@@ -118,6 +123,8 @@ def model_config(args: argparse.Namespace, method_defaults: dict[str, Any]) -> d
             "state_every": args.state_every,
             "drift_reference_size": args.drift_reference_size,
             "drift_window": args.drift_window,
+            "answers_max_entries": args.answers_max_entries,
+            "answers_ttl_s": args.answers_ttl,
             "image_encoder_onnx": ONNX_NAME if getattr(args, "onnx", False) else None,
         },
     }
@@ -138,6 +145,8 @@ def check_method_flags(args: argparse.Namespace) -> dict[str, Any]:
         raise TTAError("--method-defaults must be a JSON object {method: {option: value}}")
     for name, options in method_defaults.items():
         get_method_class(name).Options.from_dict(options).validate()
+    if getattr(args, "answers_max_entries", 0) < 0 or not getattr(args, "answers_ttl", 1.0) > 0:
+        raise TTAError("--answers-max-entries must be >= 0 and --answers-ttl > 0")
     return method_defaults
 
 

@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "1000 Redis)")
     parser.add_argument("--token-file", help=f"file holding the bearer token infer requests must send "
                                              f"(default: env {TOKEN_ENV}; none: no authentication)")
+    parser.add_argument("--answers-max-entries", type=int, default=10_000,
+                        help="answers each worker remembers for labels sent later by answer id (0: none; "
+                             "docs/monitoring/labelled-answers.md) (default: %(default)s)")
+    parser.add_argument("--answers-ttl", type=float, default=86_400.0,
+                        help="seconds an answer stays labellable (default: %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up prediction")
 
 
@@ -89,6 +94,7 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_image_pixels": args.max_image_pixels, "max_image_bytes": args.max_image_bytes,
         "metrics_port": args.metrics_port, "warmup": not args.no_warmup, "device": args.device,
         "state_dir": args.state_dir, "state_url": args.state_url, "state_every": args.state_every,
+        "answers_max_entries": args.answers_max_entries, "answers_ttl_s": args.answers_ttl,
     }
     if args.labels_file:
         config["labels_file"] = str(Path(args.labels_file).resolve())

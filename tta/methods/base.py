@@ -154,6 +154,9 @@ class Method(ABC):
     # encode a whole batch in shared passes: "original" (the resize + center-crop view),
     # "views" (`make_views` with the options' n_views/augmix and the request's seed), or "none".
     batch_encoding: ClassVar[Literal["none", "original", "views"]] = "none"
+    # True: a label sent later for one of its answers (by answer id) can teach it, given that answer's
+    # original-view image feature, so the server remembers that feature with the answer (4*d bytes).
+    learns_from_answers: ClassVar[bool] = False
     # True when the method handles `MethodInput.deadline` itself (zero-shot is the fallback; `auto`
     # stops escalating); otherwise the engine answers zero-shot once the deadline has passed.
     manages_own_deadline: ClassVar[bool] = False
@@ -227,6 +230,12 @@ class Method(ABC):
     def feedback(self, request: MethodInput, label_index: int) -> dict[str, Any]:
         """Learn from a labelled example (e.g. GDA's support set); most methods take none."""
         raise BadRequest(f"method '{self.name}' does not learn from labelled feedback", code="feedback_unsupported")
+
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: LabelSet, text_features: torch.Tensor,
+                        served_correct: bool) -> dict[str, Any]:
+        """Learn from the label of an earlier answer: `feature` [d] is the original view that answer
+        encoded. Only methods with `learns_from_answers` take it."""
+        raise BadRequest(f"method '{self.name}' does not learn from labelled answers", code="feedback_unsupported")
 
 
 _REGISTRY: dict[str, type[Method]] = {}

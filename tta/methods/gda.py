@@ -7,7 +7,8 @@ linear, W = mu P, b_k = log(1/C) - mu_k P mu_k^T / 2, and it is ensembled with z
 logits = scale * f T^T + alpha * (f W^T + b).
 
 Fitting, closed form:
-- labelled: `feedback(request, label)` (the serving layer's feedback request) or
+- labelled: `feedback(request, label)` (the serving layer's feedback request with an image),
+  `feedback_answer(feature, label)` (a label sent later for an earlier answer, by its id) or
   `fit_support_folder(engine, folder)` with a `label/image` folder; the newest
   `support_per_class` examples per class are kept (bounded, FIFO);
 - unlabelled (option `pseudo_labels`): stream requests whose zero-shot confidence is at least
@@ -181,6 +182,7 @@ class GDA(StreamStateMixin, Method):
     Options = GDAOptions
     description = "Gaussian discriminant analysis from labelled feedback (or confident pseudo-labels) + zero-shot"
     batch_encoding = "original"
+    learns_from_answers = True  # a label for an earlier answer (by id) adds that answer's feature to the support set
     state_version = 1
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
@@ -329,6 +331,22 @@ class GDA(StreamStateMixin, Method):
         reply = {"method": self.name, "label": request.labels.names[label_index],
                  "predicted_before": request.labels.names[predicted], "correct": predicted == label_index,
                  "support_total": len(self.support), "refit_ms": round(self.last_refit_ms, 3)}
+        return self._flag(reply, available)
+
+    def feedback_answer(self, feature: torch.Tensor, label_index: int, labels: Any, text_features: torch.Tensor,
+                        served_correct: bool) -> dict[str, Any]:
+        """A label for an earlier answer: the original-view feature that answer encoded joins the
+        support set (one view: `support_views` > 1 augments only images sent with their label), and
+        the served answer scores the online accuracy (as `feedback` scores its own prediction)."""
+        opts: GDAOptions = self.defaults  # type: ignore[assignment]
+        self._last_text = text_features
+        self._bind_labels(labels.names)
+        available = self.host.sync()
+        row = feature.detach().float().cpu().reshape(1, 1, -1)
+        op = self._op("support", opts, feats=row, labels=[int(label_index)], refit=True, scored=bool(served_correct))
+        available = self.host.commit(op) and available
+        reply = {"method": self.name, "label": labels.names[label_index], "support_total": len(self.support),
+                 "refit_ms": round(self.last_refit_ms, 3)}
         return self._flag(reply, available)
 
     def _op(self, kind: str, opts: GDAOptions, **fields: Any) -> dict[str, Any]:

@@ -9,6 +9,8 @@ parsed JSON object) and lower-cased headers, and gets back one of
   one `Predict` per image of its BYTES inputs (base64 text, or raw bytes through tritonclient's
   binary tensor extension);
 - `Action`: a stream-state action ``{"action": "state"|"reset"|"export"|"import"|"feedback", ...}``;
+  ``feedback`` takes a label with an image (a new labelled example, GDA) or with the ``id`` of an
+  earlier answer (counted in ``tta_labelled_answers_total``; see `tta.serving.answers`);
 - `Failure`: what to answer instead (status, error code, message), never an exception.
 
 Decoding is a phase of its own (decode -> run -> encode) so a batch of decoded requests can be
@@ -39,9 +41,12 @@ JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed"
 OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed", DEADLINE_FIELD)
 ACTIONS = ("state", "reset", "export", "import", "feedback")
 STATUS_BY_CODE = {"image_too_large": 413, "request_too_large": 413, "unauthorized": 401, "forbidden": 403,
-                  "over_budget": 422}
-PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 413: "Payload Too Large",
-           422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+                  "over_budget": 422, "answer_unknown": 404, "answer_elsewhere": 404, "already_labelled": 409,
+                  "answer_expired": 410, "answer_evicted": 410}
+PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+           410: "Gone", 413: "Payload Too Large", 422: "Unprocessable Content", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+MAX_ANSWER_ID_CHARS = 64  # issued ids have 37 characters (tta.serving.answers)
 MAX_JSON_DEPTH = 32  # deepest request form is ~6 levels (OIP data, exported state); 5,000 levels was a 500
 RETRY_AFTER_S = 1  # what a 503 tells a client to wait before retrying
 OIP_LENGTH_HEADER = "inference-header-content-length"
@@ -102,6 +107,7 @@ class Action:
     label: str | None = None
     image: torch.Tensor | None = None
     seed: int | None = None
+    answer_id: str | None = None  # feedback for an earlier answer (instead of an image)
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. credentials for privileged actions
 
 
@@ -308,7 +314,7 @@ def decode_json(payload: Mapping[str, Any], limits: Limits, started: float | Non
 
 
 def decode_action(payload: Mapping[str, Any], limits: Limits) -> Action:
-    """``{"action": ..., "method": ...}`` plus 'state' (import) or 'label' + 'image' (feedback)."""
+    """``{"action": ..., "method": ...}`` plus 'state' (import) or 'label' + 'image' or 'id' (feedback)."""
     action = payload.get("action")
     method = payload.get("method") or None
     if action not in ACTIONS:
@@ -324,8 +330,18 @@ def decode_action(payload: Mapping[str, Any], limits: Limits) -> Action:
     elif action == "feedback":
         label = payload.get("label")
         if not isinstance(label, str):
-            raise _bad("feedback needs 'label' (a class of the deployment's label set)", code="bad_labels")
+            raise _bad("feedback needs 'label' (a class of the deployment's label set, or of the labelled "
+                       "answer's)", code="bad_labels")
         request.label = label
+        if "id" in payload:
+            answer_id = payload["id"]
+            if not isinstance(answer_id, str) or not 0 < len(answer_id) <= MAX_ANSWER_ID_CHARS:
+                raise _bad("'id' must be the 'id' of an earlier answer (a string)", code="bad_id")
+            if "image" in payload:
+                raise _bad("feedback takes 'id' (label an earlier answer) or 'image' (a new labelled example), "
+                           "not both", code="bad_json")
+            request.answer_id = answer_id
+            return request
         request.image, _ = decode_base64_image(payload.get("image"), limits)
         seed = payload.get("seed")
         request.seed = seed if _valid_seed(seed) else None
@@ -488,6 +504,8 @@ def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str 
     """OIP v2 answer: `labels` (BYTES) and `probabilities` (FP32), both [images, k], best first.
 
     `outputs` (the request's requested outputs) limits the answer to the named ones, in order.
+    Each image's answer id (for a label sent later) is in the response parameter ``answer_ids``:
+    one string, the ids in image order joined by commas (a string, so gRPC carries it as well).
     """
     labels = [[t["label"] for t in p.top_k] for p in predictions]
     probs = [[t["score"] for t in p.top_k] for p in predictions]
@@ -504,6 +522,9 @@ def encode_oip(predictions: list[Prediction], model: ModelInfo, request_id: str 
         response["outputs"] = [by_name[o["name"]] for o in outputs]
     if request_id:
         response["id"] = request_id
+    ids = [p.answer_id for p in predictions if p.answer_id is not None]
+    if ids:
+        response["parameters"] = {"answer_ids": ",".join(ids)}
     return response
 
 

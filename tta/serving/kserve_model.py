@@ -59,8 +59,9 @@ from tta.serving.service import Reply, Service, build_service, start_exporter, w
 
 log = logging.getLogger(__name__)
 
-GRPC_STATUS = {400: StatusCode.INVALID_ARGUMENT, 401: StatusCode.UNAUTHENTICATED,
-               413: StatusCode.RESOURCE_EXHAUSTED, 503: StatusCode.UNAVAILABLE}
+GRPC_STATUS = {400: StatusCode.INVALID_ARGUMENT, 401: StatusCode.UNAUTHENTICATED, 404: StatusCode.NOT_FOUND,
+               409: StatusCode.ALREADY_EXISTS, 410: StatusCode.NOT_FOUND, 413: StatusCode.RESOURCE_EXHAUSTED,
+               503: StatusCode.UNAVAILABLE}
 # Probes and Prometheus scrape without a token, as TorchServe's /ping and metrics port do.
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # TorchServe's max_request_size in config.properties
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/|v2/models/[^/]+(/versions/[^/]+)?/ready$|v1/models/[^/:]+$)")
@@ -228,7 +229,7 @@ class ClipTTAModel(kserve.Model):
             from_grpc = False
         return InferResponse(response_id=request.id or "", model_name=self.name, model_version=self.model_version,
                              infer_outputs=outputs, from_grpc=from_grpc, use_binary_outputs=binary,
-                             requested_outputs=requested)
+                             requested_outputs=requested, parameters=reply.body.get("parameters"))
 
     # --- authentication ----------------------------------------------------------------------------
     def check_token(self, headers: Mapping[str, str]) -> None:

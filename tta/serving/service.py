@@ -23,10 +23,11 @@ from tta import state as tta_state
 from tta.admission import Budget
 from tta.drift import DriftConfig
 from tta.engine import Engine, Prediction, PredictRequest
-from tta.errors import TTAError, Unavailable
+from tta.errors import BadRequest, TTAError, Unavailable
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
 from tta.serving.admin import AdminAuth
+from tta.serving.answers import AnswerMemory
 from tta.serving.codec import Action, Decoded, Failure, Limits, ModelInfo, OipInfer, Predict
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Service:
 
     def __init__(self, engine: Engine, metrics: ServingMetrics, model: ModelInfo,
                  limits: Limits = codec.DEFAULT_LIMITS, budget: Budget | None = None,
-                 admin: AdminAuth | None = None, max_inflight: int = 0) -> None:
+                 admin: AdminAuth | None = None, max_inflight: int = 0, answers: AnswerMemory | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model = model
@@ -67,6 +68,8 @@ class Service:
         self.budget = budget or engine.budget or Budget()  # every request gets a deadline
         self.admin = admin or AdminAuth()  # none configured: privileged actions are refused (403)
         self.max_inflight = max_inflight  # 0: no bound (TorchServe's queue bounds a worker's load)
+        # this worker's answers, for labels sent later ("feedback" with an "id"); workers share none
+        self.answers = answers if answers is not None else AnswerMemory(engine.labels.names)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -218,7 +221,22 @@ class Service:
         timings["total"] = (time.perf_counter() - request.started) * 1000.0
         prediction.timings_ms = timings
         self._observe(prediction, custom_labels=request.labels is not None)
+        try:
+            prediction.answer_id = self._remember(prediction)
+        except Exception:  # noqa: BLE001 - bookkeeping for later labels never fails an answer
+            log.exception("answer not remembered; it goes out without an id")
         return prediction
+
+    def _remember(self, prediction: Prediction) -> str:
+        """Remember what a later label needs (tta.serving.answers); the answer carries the id."""
+        labels = prediction.labels
+        default = labels is None or labels is self.engine.labels
+        feature = None
+        if (default and prediction.image_features is not None
+                and type(self.engine.method(prediction.method)).learns_from_answers):
+            feature = prediction.image_features.detach().float().cpu().contiguous().numpy().tobytes()
+        return self.answers.remember(prediction.method, prediction.zeroshot_label, prediction.label,
+                                     None if default or labels is None else labels.names, feature)
 
     def _observe(self, prediction: Prediction, custom_labels: bool) -> None:
         m, name = self.metrics, self.model.name
@@ -237,6 +255,8 @@ class Service:
 
     def _action(self, request: Action) -> dict[str, Any]:
         method = request.method or self.engine.default_method
+        if request.answer_id is not None:  # a label for an earlier answer: counted under that answer's method
+            method = self.answers.peek_method(request.answer_id) or method
         outcome, credential = "client_error", None
         try:
             credential = self.admin.authorize(request.action, method, request.headers)
@@ -263,11 +283,35 @@ class Service:
         if action == "import":
             engine.import_state(method, request.state or {})
             return {**base, "imported": True, "state": engine.state_summary(method)}
+        if request.answer_id is not None:
+            return {**base, "feedback": self._label_answer(request, method)}
         assert request.image is not None and request.label is not None  # decode_action guarantees both
         reply = engine.feedback(request.image, request.label, method, seed=request.seed)
         if reply.get("fallback"):  # answered from the last known state (Redis away): counted like predictions
             self.metrics.observe_fallback(self.model.name, method, reply["fallback"])
         return {**base, "feedback": reply}
+
+    def _label_answer(self, request: Action, method: str) -> dict[str, Any]:
+        """Count whether zero-shot and the served answer were right; methods that learn from labelled
+        answers (GDA) also get the answer's remembered feature."""
+        assert request.answer_id is not None and request.label is not None
+        if request.method and request.method != method:
+            raise BadRequest(f"answer {request.answer_id} was answered by method '{method}', not "
+                             f"'{request.method[:40]}'; leave 'method' out to label it", code="unknown_method")
+        answer, index, names = self.answers.label(request.answer_id, request.label)
+        zeroshot_ok, served_ok = answer.zeroshot == index, answer.served == index
+        self.metrics.observe_labelled_answer(self.model.name, answer.method, zeroshot_ok, served_ok)
+        reply: dict[str, Any] = {
+            "id": request.answer_id, "label": names[index], "served_label": names[answer.served],
+            "zeroshot_label": names[answer.zeroshot], "served_correct": served_ok, "zeroshot_correct": zeroshot_ok,
+        }
+        if answer.feature is not None:
+            feature = torch.frombuffer(bytearray(answer.feature), dtype=torch.float32)
+            learned = self.engine.feedback_answer(feature, index, answer.method, served_ok)
+            if learned.get("fallback"):  # Redis away: applied when it is back, counted like predictions
+                self.metrics.observe_fallback(self.model.name, answer.method, learned["fallback"])
+            reply["learned"] = learned
+        return reply
 
 
 def _items(request: Decoded) -> list[Predict]:
@@ -321,7 +365,8 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
                    admin=admin or AdminAuth.from_config(config),
-                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0))
+                   max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0),
+                   answers=AnswerMemory.from_config(config, labels.names))
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:
