@@ -35,10 +35,12 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     /opt/uv/bin/uv sync --frozen --no-dev --no-install-project ${UV_SYNC_ARGS}
 COPY tta ./tta
 COPY handlers ./handlers
-# editable install: tta archive packs the tta/ folder (with its data files) into the archive
+# editable install: tta archive packs the tta/ folder (with its data files) into the archive;
+# bytecode compiled here, since the pods' root file system is read-only
 RUN --mount=type=cache,target=/root/.cache/uv \
     /opt/uv/bin/uv sync --frozen --no-dev ${UV_SYNC_ARGS} \
-    && rm -rf /app/*.egg-info /app/build
+    && rm -rf /app/*.egg-info /app/build \
+    && /app/.venv/bin/python -m compileall -q tta handlers
 
 # --- runtime: Java 17 for TorchServe's frontend, the environment, the serving scripts -------------
 FROM ${BASE_IMAGE} AS runtime
@@ -47,16 +49,18 @@ RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/log/apt /var/log/dpkg.log \
-    && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin app
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin app
 COPY --from=builder /app/.venv /app/.venv
 COPY --from=builder /app/tta /app/tta
 COPY --from=builder /app/handlers /app/handlers
 COPY config.properties /app/
 COPY scripts/serve.sh /app/scripts/
 COPY docker/ /app/docker/
-# /app itself is the working directory TorchServe writes to (logs/, key_file.json, model_store/);
-# the environment under it stays root-owned and read-only for the server.
-RUN mkdir -p /app/model_store && chown 1000:1000 /app /app/model_store
+# /app itself is the working directory TorchServe writes to (logs/, key_file.json, model_store/)
+# when the root is writable (docker run); the environment under it stays root-owned and read-only
+# for the server. With a read-only root (the Kubernetes pods) every write goes to the mounted
+# emptyDirs instead: RUN_DIR, MODEL_STORE, HOME and PROMETHEUS_MULTIPROC_DIR under /tmp or /models.
+RUN mkdir -p /app/model_store && chown 10001:10001 /app /app/model_store
 WORKDIR /app
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -66,5 +70,6 @@ ENV PATH=/app/.venv/bin:$PATH \
     TTA_METRICS_PORT=8083
 # The management API stays on 127.0.0.1:8081 (config.properties): never published.
 EXPOSE 8080 8082 8083
-USER 1000:1000
+# a high uid: no clash with a host user's (checkov CKV_K8S_40)
+USER 10001:10001
 ENTRYPOINT ["/app/docker/entrypoint.sh"]

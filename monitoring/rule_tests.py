@@ -101,6 +101,19 @@ def build() -> dict[str, Any]:
         req("clip", "tda", "ok", "0+60x10"),
         {"series": 'tta_state_unavailable_total{model="clip",method="tda"}', "values": "0+0x10"},
     ], [("5m", "TTAStreamStateUnavailable", [])])
+    # state validation: a jump of 3 at 10m sits 5 minutes inside the 15m window at 15m (increase >= 3,
+    # extrapolated; nowhere near 0) and 25 minutes outside it at 40m (exactly 0): no window edge nearby
+    case("state rejected: 3 skipped log entries at 10m fire at once, and resolve once out of the 15m window", [
+        {"series": 'tta_state_rejected_total{model="clip",method="tda",source="log"}', "values": "0x9 3x40"},
+        {"series": 'tta_state_rejected_total{model="clip",method="tda",source="import"}', "values": "0x9 5x40"},
+    ], [("5m", "TTAStreamStateRejected", []),
+        ("15m", "TTAStreamStateRejected", [exp("TTAStreamStateRejected",
+                                               {"model": "clip", "method": "tda", "source": "log"}, "3")]),
+        ("40m", "TTAStreamStateRejected", [])])
+    case("state rejected: refused imports (answered 400) and counters at 0 do not fire", [
+        {"series": 'tta_state_rejected_total{model="clip",method="gda",source="import"}', "values": "0+1x30"},
+        {"series": 'tta_state_rejected_total{model="clip",method="gda",source="snapshot"}', "values": "0x30"},
+    ], [("20m", "TTAStreamStateRejected", [])])
     # no traffic
     case("no traffic: traffic stops at 20m; 30 minutes later it fires a request fire; traffic on another model does not", [
         req("clip", "zeroshot", "ok", "0+10x20 200+0x40"), req("busy", "zeroshot", "ok", "0+1x60"),

@@ -73,6 +73,8 @@ RECORDING: dict[str, str] = {
     "tta:state_unavailable:rate5m":
         "sum by (model, method) (rate(tta_state_unavailable_total[5m]))"
         " or 0 * sum by (model, method) (rate(tta_requests_total[5m]))",
+    "tta:state_rejected:increase15m":  # refusals that did not answer a client (imports answer 400 instead)
+        'sum by (model, method, source) (increase(tta_state_rejected_total{source=~"log|snapshot|request"}[15m]))',
     "tta:drift_embedding_shift:excess":
         "max by (model) (tta_drift_embedding_shift - tta_drift_embedding_shift_expected)",
     "tta:drift_class_divergence:excess":
@@ -146,7 +148,9 @@ ALERTS: tuple[Alert, ...] = (
           runbook=(
               "`sum by (reason) (rate(tta_fallbacks_total[5m]))` says why: `deadline`/`over_budget` - the "
               "deployment is too slow for its budget (scale out, fewer views); `state_unavailable` - see "
-              "TTAStreamStateUnavailable; `numerical` - look for NaN inputs or a bad state import; `other` - "
+              "TTAStreamStateUnavailable; `numerical` - look for NaN inputs or a bad state import; `state_invalid` - "
+              "a stream method failed on its state (worker log: `raised while answering from its stream state`; "
+              "export the state, reset it, file a bug with the export); `other` - "
               "cold caches (GDA without feedback) or requests with foreign label sets on stream methods.")),
     Alert("TTAStreamStateUnavailable", "tta:state_unavailable:rate5m > 0", "2m", "critical",
           "stream state of {{ $labels.method }} on {{ $labels.model }} is unreachable",
@@ -158,6 +162,22 @@ ALERTS: tuple[Alert, ...] = (
               "known state and their operations are queued) or the state directory's volume (writable, not "
               "full); with several workers and no state URL, give the deployment a Redis URL (`TTA_STATE_URL`) "
               "or run one worker. `{\"action\": \"state\", \"method\": M}` shows the persistence mode and warnings.")),
+    Alert("TTAStreamStateRejected", "tta:state_rejected:increase15m > 0", "0m", "warning",
+          "{{ $labels.method }} state on {{ $labels.model }} refused invalid content ({{ $labels.source }})",
+          "{{ $value | humanize }} {{ $labels.source }} item(s) of {{ $labels.method }} failed stream-state validation "
+          "over 15 minutes and were skipped (log entries, this replica's own operations) or refused (snapshots); "
+          "the state is unchanged by each. The worker log names the entry and the field and rule.",
+          runbook=(
+              "Something failed stream-state validation and was kept out: the state is unchanged by it. The "
+              "worker log names it (`log entry <id> refused: <field>: <rule>`, `snapshot <path or key> refused`). "
+              "`source=\"log\"`: an operation in the Redis log that no replica applies (written by a different "
+              "build or by hand: compare the replicas' versions; read it with `XRANGE <key>:log <id> <id>`). "
+              "`source=\"snapshot\"`: a snapshot file or the Redis snapshot was refused at start and kept for "
+              "inspection (`<file>.rejected`, or the `:rejected` Redis hash); that replica started empty (file) "
+              "or from the log after the snapshot (Redis), so it may now differ from the others: import a known "
+              "good export, or reset. `source=\"request\"`: this replica produced an operation it refused itself "
+              "(non-finite features: check the model and its inputs). Rules and recovery: the state page, "
+              "\"Validation\".")),
     Alert("TTANoTraffic", "tta:requests:rate15m == 0", "15m", "warning",
           "{{ $labels.model }} received no requests for 30 minutes",
           "No request reached {{ $labels.model }} over the last 15 minutes, for 15 minutes "

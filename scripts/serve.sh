@@ -18,6 +18,10 @@
 #   KEEP_ARCHIVE=1          serve an existing $MODEL_STORE/$NAME.mar as it is (build only when missing)
 #   ARCHIVE_ONLY=1          fetch the weights and build the archive, then exit (an init container)
 #   DRAIN_TIMEOUT_S=30      on Ctrl-C/SIGTERM, wait this long for in-flight requests before stopping
+#   WEIGHTS_DIR=            a model cache filled by `tta fetch-weights` (Kubernetes: the weights Job):
+#                           checked first, so a pod whose cache lacks MODEL stops in seconds, saying so
+#   RUN_DIR=.               TorchServe's working directory (logs/, key_file.json); a writable path
+#                           when the root file system is read-only (the pods: /tmp/ts)
 # The container image runs this script (docker/entrypoint.sh) with SKIP_SYNC=1 KEEP_ARCHIVE=1.
 #   SERVER=torchserve       or 'kserve': KServe's model server (`tta serve --server kserve`, OIP v2
 #                           REST on HTTP_PORT=8080 and gRPC on GRPC_PORT=8081; no archive, no Java)
@@ -53,6 +57,12 @@ fi
 
 label_args=()
 [[ -n "${LABELS_FILE:-}" ]] && label_args=(--labels-file "${LABELS_FILE}")
+
+# the model cache (read-only in the pods): present, complete, at the pinned revision?
+if [[ -n "${WEIGHTS_DIR:-}" ]]; then
+    "${VENV}/tta" fetch-weights "${MODEL}" --to "${WEIGHTS_DIR}" --check >/dev/null \
+        || { say "stopping: ${WEIGHTS_DIR} does not hold ${MODEL} (see the error above)"; exit 1; }
+fi
 
 # KServe: the worker is built in-process from the same knobs; ARCHIVE_ARGS flags are shared
 if [[ "${SERVER:-torchserve}" == "kserve" ]]; then
@@ -108,6 +118,15 @@ export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-${ROOT}/.cache/prom
 mkdir -p "${PROMETHEUS_MULTIPROC_DIR}"
 rm -f "${PROMETHEUS_MULTIPROC_DIR}"/*.db
 
+# TorchServe writes logs/ and key_file.json into its working directory: RUN_DIR (relative paths
+# given so far are the repository's, made absolute first)
+RUN_DIR="${RUN_DIR:-${ROOT}}"
+MODEL_STORE="$(cd "${MODEL_STORE}" && pwd)"
+TS_CONFIG="$(cd "$(dirname "${TS_CONFIG}")" && pwd)/$(basename "${TS_CONFIG}")"
+export TS_CONFIG KEY_FILE="${KEY_FILE:-${RUN_DIR}/key_file.json}"  # docker/probe.py reads both
+mkdir -p "${RUN_DIR}"
+cd "${RUN_DIR}"
+
 # 5. TorchServe in the foreground; Ctrl-C (or SIGTERM) drains in-flight requests, then stops it
 stop() {
     trap - INT TERM
@@ -119,7 +138,7 @@ stop() {
 }
 trap stop INT TERM
 
-say "starting TorchServe (key file: ${ROOT}/key_file.json; Ctrl-C to stop)"
+say "starting TorchServe (key file: ${KEY_FILE}; Ctrl-C to stop)"
 "${VENV}/torchserve" --start --foreground --ncs --ts-config "${TS_CONFIG}" --model-store "${MODEL_STORE}" \
     --models "${NAME}=${NAME}.mar" &
 TS_PID=$!
@@ -131,7 +150,7 @@ TS_PID=$!
         kill -0 "${TS_PID}" 2>/dev/null || exit 0
         if "${VENV}/python" -I "${ROOT}/docker/probe.py" ready --model "${NAME}" 2>/dev/null; then
             auth=""
-            KEY=$("${VENV}/python" -c 'import json;print(json.load(open("key_file.json"))["inference"]["key"])' 2>/dev/null) \
+            KEY=$("${VENV}/python" -c 'import json,os;print(json.load(open(os.environ["KEY_FILE"]))["inference"]["key"])' 2>/dev/null) \
                 && auth="-H \"Authorization: Bearer ${KEY}\" "
             say "ready: curl ${auth}-T image.jpg ${TS_INFERENCE_ADDRESS:-http://127.0.0.1:8080}/predictions/${NAME}"
             exit 0

@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "predict": "classify images, adapting per image (zeroshot, tpt, zero, ...)",
     "methods": "list the registered adaptation methods",
     "serve": "serve over HTTP/gRPC: KServe's model server (OIP v2), or TorchServe via scripts/serve.sh",
+    "fetch-weights": "put a model's hub weights into a cache folder once (pinned revision, checksum manifest)",
 }
 OPTIONAL_SUBCOMMANDS: dict[str, str] = {
     "archive": "build a TorchServe model archive (.mar) for a model + label set",
@@ -25,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, help_text in {**SUBCOMMANDS, **OPTIONAL_SUBCOMMANDS}.items():
+        module_name = f"tta.commands.{name.replace('-', '_')}"  # fetch-weights -> fetch_weights.py
         try:
-            module = importlib.import_module(f"tta.commands.{name}")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == f"tta.commands.{name}" and name in OPTIONAL_SUBCOMMANDS:
+            if exc.name == module_name and name in OPTIONAL_SUBCOMMANDS:
                 continue
             raise
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

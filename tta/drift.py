@@ -43,6 +43,18 @@ import torch
 
 from tta.errors import BadRequest, Unavailable
 from tta.state import check_meta, open_host
+from tta.state.schema import (
+    Float,
+    Int,
+    Maybe,
+    Record,
+    StateRejected,
+    Str,
+    Tensor,
+    class_index,
+    unit_rows,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,50 @@ class DriftConfig:
 # --------------------------------------------------------------------------------------------
 # The reference as a value, changed only by operations
 # --------------------------------------------------------------------------------------------
+UNIT_SLACK = 1e-6  # normalised entropy and top-1 probability are in [0, 1] up to float64 rounding
+
+
+def _observe_consistent(op: Mapping[str, Any], dims: Mapping[str, int]) -> str | None:
+    given = [op.get(k) is not None for k in ("cls", "entropy", "confidence")]
+    return None if all(given) or not any(given) else "cls, entropy and confidence must be given together"
+
+
+def _reference_consistent(state: Mapping[str, Any], dims: Mapping[str, int]) -> str | None:
+    count, labelled, counts = state["count"], state["labelled"], state["class_counts"]
+    if count > state["size"]:
+        return "count must be <= size (a reference stops growing once captured)"
+    if labelled > count:
+        return "labelled must be <= count"
+    if bool((counts != counts.round()).any()) or float(counts.sum()) != labelled:
+        return "class_counts must be whole numbers summing to labelled"
+    if float(state["embedding_sum"].norm()) > count * (1.0 + 1e-6) + 1e-9:
+        return "embedding_sum must be a sum of 'count' unit vectors (norm <= count)"
+    for key in ("entropy_sum", "confidence_sum"):
+        if state[key] > labelled * (1.0 + UNIT_SLACK) + 1e-9:
+            return f"{key} must be a sum of 'labelled' values in [0, 1]"
+    return None
+
+
+OBSERVE_SCHEMA = Record(kind=Str(("observe",)), embedding=unit_rows(("d",), "float64"), cls=Maybe(class_index()),
+                        entropy=Maybe(Float(0.0, 1.0 + UNIT_SLACK)), confidence=Maybe(Float(0.0, 1.0 + UNIT_SLACK)),
+                        checks=(_observe_consistent,))
+STATE_SCHEMA = Record(meta=Record(extra=True), size=Int(1, MAX_SIZE), epoch=Int(low=0), count=Int(low=0),
+                      labelled=Int(low=0), embedding_sum=Tensor(("d",), "float64"),
+                      class_counts=Tensor(("C",), "float64", low=0.0), entropy_sum=Float(low=0.0),
+                      confidence_sum=Float(low=0.0), checks=(_reference_consistent,))
+
+
+def _dims(meta: Mapping[str, Any]) -> dict[str, int]:
+    return {"d": int(meta["embed_dim"]), "C": len(meta.get("labels") or [])}
+
+
+def validate_op(meta: Mapping[str, Any], op: Mapping[str, Any]) -> None:
+    """`StateRejected` unless `op` is an ``observe`` operation that fits this deployment (`tta.state.schema`)."""
+    if not isinstance(op, Mapping) or op.get("kind") != "observe":
+        raise StateRejected("kind", f"drift has no operation {str(op.get('kind') if isinstance(op, Mapping) else op)[:40]!r}")
+    validate(OBSERVE_SCHEMA, op, _dims(meta))
+
+
 def new_reference(size: int, meta: Mapping[str, Any], epoch: int = 0) -> dict[str, Any]:
     """An empty reference that will freeze after `size` observations."""
     labels = meta.get("labels") or []
@@ -109,14 +165,13 @@ def apply(state: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
     """
     kind = op.get("kind")
     if kind == "observe":
+        validate_op(state["meta"], op)
         if frozen(state):
             return dict(state)
         embedding = op["embedding"].detach().to(torch.float64).reshape(-1)
-        if embedding.shape != state["embedding_sum"].shape:
-            raise ValueError(f"embedding size {embedding.numel()} != reference {state['embedding_sum'].numel()}")
         new = dict(state, count=int(state["count"]) + 1, embedding_sum=state["embedding_sum"] + embedding)
         cls = op.get("cls")
-        if cls is not None and 0 <= int(cls) < state["class_counts"].numel():
+        if cls is not None:
             counts = state["class_counts"].clone()
             counts[int(cls)] += 1
             new.update(class_counts=counts, labelled=int(state["labelled"]) + 1,
@@ -127,25 +182,17 @@ def apply(state: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
         return new_reference(int(op.get("size") or state["size"]), state["meta"], int(state["epoch"]) + 1)
     if kind == "load":
         loaded = op["state"]
+        if not isinstance(loaded, Mapping):
+            raise StateRejected("state", "must be an object exported by 'drift'")
         check_meta(loaded, state["meta"])
-        required = ("size", "epoch", "count", "labelled", "embedding_sum", "class_counts", "entropy_sum",
-                    "confidence_sum")
-        missing = [k for k in required if k not in loaded]
-        if missing:
-            raise ValueError(f"drift state lacks {missing}")
-        new = {k: loaded[k] for k in required}
+        validate(STATE_SCHEMA, loaded, _dims(state["meta"]))
+        new = {k: loaded[k] for k in STATE_SCHEMA.fields if k != "meta"}
         new["meta"] = dict(state["meta"])
-        new["embedding_sum"] = torch.as_tensor(loaded["embedding_sum"], dtype=torch.float64).reshape(-1).clone()
-        new["class_counts"] = torch.as_tensor(loaded["class_counts"], dtype=torch.float64).reshape(-1).clone()
-        if new["embedding_sum"].shape != state["embedding_sum"].shape or \
-                new["class_counts"].shape != state["class_counts"].shape:
-            raise ValueError("drift state sizes do not fit this deployment")
-        for key in ("size", "epoch", "count", "labelled"):
-            new[key] = int(new[key])
-        if new["size"] < 1 or not 0 <= new["labelled"] <= new["count"] or new["class_counts"].sum() != new["labelled"]:
-            raise ValueError("drift state counts are inconsistent")
+        new["embedding_sum"] = loaded["embedding_sum"].clone()
+        new["class_counts"] = loaded["class_counts"].clone()
+        new["entropy_sum"], new["confidence_sum"] = float(loaded["entropy_sum"]), float(loaded["confidence_sum"])
         return new
-    raise ValueError(f"unknown drift operation {kind!r}")
+    raise StateRejected("kind", f"unknown drift operation {str(kind)[:40]!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +332,10 @@ class DriftMonitor:
         self.host.start()
 
     # --- owner protocol: the host calls these, in operation order ---
+    def validate_op(self, op: Mapping[str, Any]) -> None:
+        """The host checks a request's own operation before it enters the log."""
+        validate_op(self.meta, op)
+
     def apply(self, op: Mapping[str, Any]) -> None:
         self._reference = apply(self._reference, op)
 
@@ -367,7 +418,9 @@ class DriftMonitor:
             try:
                 apply(self._reference, {"kind": "load", "state": state})  # validate first: a bad import changes nothing
             except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-                raise BadRequest(f"cannot import drift state: {exc}", code="bad_state") from exc
+                rejected = exc if isinstance(exc, StateRejected) else StateRejected("state", str(exc))
+                self.host.reject("import", rejected)
+                raise BadRequest(f"cannot import drift state: {rejected}", code="bad_state") from exc
             self.host.load(state)
 
     def state_summary(self) -> dict[str, Any]:

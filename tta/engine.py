@@ -19,8 +19,16 @@ import torch
 
 from tta.admission import Budget, estimate
 from tta.drift import DriftConfig, DriftMonitor, DriftSignals
-from tta.errors import BadRequest, PixelsRequired, Unavailable
-from tta.faults import DEADLINE, NUMERICAL, OOM, ZeroShotFallback, deadline_passed, is_out_of_memory
+from tta.errors import BadRequest, PixelsRequired, TTAError, Unavailable
+from tta.faults import (
+    DEADLINE,
+    NUMERICAL,
+    OOM,
+    STATE_INVALID,
+    ZeroShotFallback,
+    deadline_passed,
+    is_out_of_memory,
+)
 from tta.features import encode_images, feature_input, placeholder_image, precomputed_features
 from tta.methods.base import Method, MethodInput, MethodOutput, get_method_class, list_methods
 from tta.models import ClipModel
@@ -383,7 +391,8 @@ class Engine:
     def _run(self, impl: Method, request: MethodInput, seed: int,
              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> MethodOutput:
         """`impl.predict` with the fallbacks: deadline / numerical fault -> zero-shot; out of memory
-        -> the same request with half the views (twice), then zero-shot. Never a non-finite score.
+        -> the same request with half the views (twice), then zero-shot; a stream method raising
+        unexpectedly -> zero-shot flagged ``state_invalid``. Never a non-finite score.
         `shared`: (views, features) a batch already encoded for this request (predict_batch)."""
         retries = 0
         while True:
@@ -400,7 +409,14 @@ class Engine:
                 return self._zeroshot_fallback(request, fb.reason, fb.detail)
             except Exception as exc:
                 if not is_out_of_memory(exc):
-                    raise
+                    if impl.scope != "stream" or isinstance(exc, TTAError):
+                        raise
+                    # state is shared by every replica and outlives the request: whatever in it makes the
+                    # method fail must not turn every later request into a 5xx (validation should have kept it out)
+                    log.exception("%s raised while answering from its stream state; zero-shot answer (state_invalid)",
+                                  impl.name)
+                    return self._zeroshot_fallback(request, STATE_INVALID, f"{impl.name} failed on its stream state "
+                                                   f"({type(exc).__name__}); see the worker log")
                 release_memory(self.clip.device)
                 smaller = fewer_views(request.options)
                 if smaller is None or retries >= MAX_OOM_RETRIES:

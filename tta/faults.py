@@ -4,7 +4,9 @@ Multi-view methods call `check_deadline` between their stages and `check_step` a
 optimisation step. Either raises `ZeroShotFallback`; the engine catches it (the methods restore
 their prompts / weights on the way out, as on any error), answers with plain zero-shot CLIP on
 the original image and flags the response ``"fallback": <reason>``. The engine also handles an
-out-of-memory error (fewer views, then zero-shot) and never lets a non-finite score out.
+out-of-memory error (fewer views, then zero-shot), answers zero-shot flagged ``state_invalid`` when
+a stream method raises unexpectedly (its state, shared by every replica, must never turn into
+5xx answers), and never lets a non-finite score out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 DEADLINE = "deadline"
 NUMERICAL = "numerical"
 OOM = "oom"
+STATE_INVALID = "state_invalid"  # a stream method raised while reading its state: zero-shot, detail to the log
 DIVERGENCE_FACTOR = 1e4  # a step whose |loss| grows past this multiple of the first step's diverged
 
 

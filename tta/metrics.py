@@ -59,8 +59,10 @@ OUTCOMES: tuple[str, ...] = ("ok", "client_error", "server_error", "fallback")
 # free text in the response's "fallback" field, the metric maps anything unknown to "other".
 FALLBACK_REASONS: tuple[str, ...] = (
     "deadline", "state_unavailable", "numerical", "over_budget", "generator_unavailable", "generation_disabled",
-    "oom", "other",
+    "oom", "state_invalid", "other",
 )
+# Where a value refused at the door of stream state came from (tta.state.host.REJECTION_SOURCES).
+STATE_REJECTION_SOURCES: tuple[str, ...] = ("request", "log", "snapshot", "import")
 _FALLBACK_ALIASES = {"deadline_exceeded": "deadline"}
 UNKNOWN_METHOD = "__unknown__"  # method label of requests that named a method the server does not have
 CUSTOM_LABELS = "__request_labels__"  # class label used when a request brought its own label set
@@ -168,6 +170,11 @@ class ServingMetrics:
             "tta_state_actions", "Stream-state operations (state, reset, export, import, feedback) by outcome",
             ["model", "method", "action", "outcome"], registry=r,
         )
+        self.state_rejected = Counter(
+            "tta_state_rejected", "Operations, log entries, snapshots and imports refused by stream-state validation, "
+            "by source (" + ", ".join(STATE_REJECTION_SOURCES) + "); the state is unchanged by each",
+            ["model", "method", "source"], registry=r,
+        )
         self.labelled_answers = Counter(
             "tta_labelled_answers",
             "Earlier answers labelled by a client later: whether zero-shot and the served answer were right",
@@ -204,6 +211,17 @@ class ServingMetrics:
         self.fallbacks.labels(model, method, reason).inc()
         if reason == "state_unavailable":
             self.state_unavailable.labels(model, method).inc()
+
+    def declare_state_owners(self, model: str, owners: Iterable[str]) -> None:
+        """Zeros for every stream-state owner's rejection counter, so the first refusal is an increase."""
+        for owner in owners:
+            for source in STATE_REJECTION_SOURCES:
+                self.state_rejected.labels(model, owner, source)
+
+    def observe_state_rejected(self, model: str, method: str, source: str) -> None:
+        """One refusal by stream-state validation (`tta.state.host.on_rejected`)."""
+        source = source if source in STATE_REJECTION_SOURCES else "log"
+        self.state_rejected.labels(model, self.method_label(method), source).inc()
 
     def observe_worker_start(self, model: str) -> None:
         self.worker_starts.labels(model).inc()
@@ -253,6 +271,8 @@ class ServingMetrics:
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(model, method, reason)
         self.state_unavailable.labels(model, method)
+        for source in STATE_REJECTION_SOURCES:
+            self.state_rejected.labels(model, method, source)
         for zeroshot in ("true", "false"):  # zeros before the first label arrives (rate() and the alert)
             for served in ("true", "false"):
                 self.labelled_answers.labels(model, method, zeroshot, served)

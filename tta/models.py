@@ -14,6 +14,10 @@ Accepted specs (``ARCH`` is any open_clip architecture name, e.g. ``ViT-B-16``):
 Weights are looked up in the local cache first; when the hub cannot be reached we fail in
 seconds with a message naming the model, the cache searched and the offline alternatives,
 instead of letting the hub client retry for a minute.
+
+Hub weights are read at a pinned commit (`HUB_REVISIONS`): a hub repository's main branch can
+move, and every pod, the weights Job (`tta fetch-weights`) and a rebuilt image must load the same
+bytes. `TTA_HUB_REVISION` overrides the pin of the model being loaded.
 """
 
 from __future__ import annotations
@@ -116,6 +120,104 @@ def quiet_loggers(names: tuple[str | None, ...] = (None,)) -> Iterator[None]:
             lg.setLevel(level)
 
 
+# Hugging Face hub repository -> the commit its weights are read at. Found in open_clip's
+# pretrained.py (`hf_hub` of the tag); the commit is the snapshot that hub caches of
+# ViT-B-16:openai users hold (models--timm--vit_base_patch16_clip_224.openai/snapshots/<commit>).
+HUB_REVISIONS: dict[str, str] = {
+    "timm/vit_base_patch16_clip_224.openai": "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d",
+}
+REVISION_ENV = "TTA_HUB_REVISION"
+HF_CONFIG_NAME = "open_clip_config.json"
+HF_WEIGHTS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's preference
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Where a spec's weights live on the hub: what `tta fetch-weights` copies and pods read offline."""
+
+    spec: str
+    repo_id: str
+    weights: tuple[str, ...]  # candidate file names, the first present one is used
+    revision: str | None
+    config: bool = False  # hf-hub: repositories carry open_clip_config.json too
+
+
+def hub_weights(spec: str, revision: str | None = None) -> HubWeights | None:
+    """The hub files behind `spec`, or None when it loads without the hub (random, local files).
+
+    The revision: `revision`, else env TTA_HUB_REVISION, else the pin in HUB_REVISIONS, else main.
+    """
+    spec = spec.strip()
+    arch, rest = parse_spec(spec)
+    if spec.startswith("hf-hub:"):
+        repo_id, weights, config = spec[len("hf-hub:"):], HF_WEIGHTS_NAMES, True
+    elif (rest is None or spec.startswith("local-dir:") or "/" in rest
+          or rest.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(rest).exists()):
+        return None  # random weights, a local folder or checkpoint: nothing on the hub
+    else:
+        import open_clip
+
+        register_model_configs()
+        hub = (open_clip.get_pretrained_cfg(arch, rest) or {}).get("hf_hub", "")
+        if not hub:
+            return None
+        repo_id, filename = os.path.split(hub)  # open_clip's convention: 'org/name/' or 'org/name/file.bin'
+        if filename:  # an explicit file: its safetensors twin first, as open_clip does
+            stem, suffix = os.path.splitext(filename)
+            weights = ((f"{stem}.safetensors", filename) if suffix in (".bin", ".pth") else (filename,))
+        else:
+            weights = HF_WEIGHTS_NAMES
+        config = False
+    revision = revision or os.environ.get(REVISION_ENV) or HUB_REVISIONS.get(repo_id)
+    return HubWeights(spec=spec, repo_id=repo_id, weights=weights, revision=revision, config=config)
+
+
+def resolve_hub_files(weights: HubWeights, cache_dir: str | Path | None = None) -> dict[str, Path]:
+    """Download (or find in the cache) the files of `weights` at its revision: {"weights": path, ["config": path]}.
+
+    Raises FileNotFoundError naming the repository, the revision and the files tried.
+    """
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(weights.repo_id, filename, revision=weights.revision,
+                                    cache_dir=str(cache_dir) if cache_dir else None))
+
+    out: dict[str, Path] = {}
+    errors: list[str] = []
+    if weights.config:
+        try:
+            out["config"] = fetch(HF_CONFIG_NAME)
+        except Exception as exc:  # huggingface_hub raises many kinds; all mean "not there"
+            errors.append(f"{HF_CONFIG_NAME}: {str(exc).splitlines()[0][:160]}")
+    for filename in weights.weights:
+        try:
+            out["weights"] = fetch(filename)
+            break
+        except Exception as exc:
+            errors.append(f"{filename}: {str(exc).splitlines()[0][:160]}")
+    if "weights" not in out or (weights.config and "config" not in out):
+        raise FileNotFoundError(f"{weights.repo_id} at revision {weights.revision or 'main'}: " + "; ".join(errors))
+    return out
+
+
+def tag_build_kwargs(arch: str, tag: str) -> dict[str, Any]:
+    """open_clip keyword arguments that make `pretrained=<file>` build what `pretrained=<tag>` builds.
+
+    open_clip takes the activation (QuickGELU for OpenAI's weights) and the preprocessing from the
+    tag's config; loading a file at a pinned revision must carry them over explicitly.
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    kwargs: dict[str, Any] = {"force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+    for key, arg in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                     ("resize_mode", "image_resize_mode")):
+        if cfg.get(key) is not None:
+            kwargs[arg] = cfg[key]
+    return kwargs
+
+
 def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
@@ -158,7 +260,8 @@ def _unavailable(spec: str, where: str, cause: BaseException | str) -> ModelUnav
         f"cannot load CLIP weights for '{spec}': not found in {where} and the hub is unreachable "
         f"or refused ({str(cause).splitlines()[0][:200]}). "
         "Use a local checkpoint ('ARCH:/path/to/clip.pt' or '.safetensors'), an open_clip folder "
-        "('local-dir:/path'), pre-populate the cache (HF_HOME / HF_HUB_CACHE), "
+        "('local-dir:/path'), pre-populate the cache (`tta fetch-weights MODEL --to DIR`, then "
+        "HF_HUB_CACHE=DIR; in Kubernetes the clip-tta-fetch-weights Job fills the model-cache volume), "
         "or serve offline with MODEL=tiny-random."
     )
 
@@ -215,9 +318,21 @@ def _build_from_hub(name: str, spec: str, pretrained: str | None) -> ClipModel:
         with _hub_offline(not online):
             # resolve the weights before building the architecture: a miss fails in seconds, and
             # open_clip would otherwise fall back to random weights for hf-hub ids
-            if name.startswith("hf-hub:"):
-                open_clip.pretrained.download_pretrained_from_hf(name[len("hf-hub:"):])
-            elif pretrained:
+            hub = hub_weights(spec) if (name.startswith("hf-hub:") or pretrained) else None
+            if hub is not None:  # at the pinned revision (open_clip itself would read `main`)
+                files = resolve_hub_files(hub)
+                if hub.config:  # the pinned snapshot is an open_clip folder: config + weights
+                    folder = f"local-dir:{files['config'].parent}"
+                    model, _, preprocess = open_clip.create_model_and_transforms(folder)
+                    tokenizer = _tokenizer_for(folder)
+                else:
+                    model, _, preprocess = open_clip.create_model_and_transforms(
+                        name, pretrained=str(files["weights"]), weights_only=True,
+                        **tag_build_kwargs(name, pretrained or ""))
+                    tokenizer = _tokenizer_for(name)
+                return _wrap(model, preprocess, tokenizer, spec, source="hub", online=online,
+                             repo=hub.repo_id, revision=hub.revision)
+            if pretrained:  # a tag served from a URL, not the hub
                 cfg = open_clip.get_pretrained_cfg(name, pretrained)
                 if not open_clip.pretrained.download_pretrained(cfg):
                     raise RuntimeError(f"no download source for {name}:{pretrained}")

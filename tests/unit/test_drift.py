@@ -61,7 +61,7 @@ def test_operations_are_pure_and_freeze_at_the_window() -> None:
     assert apply(again, {"kind": "load", "state": two})["count"] == 2
     with pytest.raises(ValueError, match="labels"):
         apply(again, {"kind": "load", "state": {**two, "meta": {**META, "labels": ["x", "y", "z"]}}})
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match="summing to labelled"):
         apply(again, {"kind": "load", "state": {**two, "labelled": 2}})
     with pytest.raises(ValueError, match="unknown"):
         apply(again, {"kind": "bogus"})

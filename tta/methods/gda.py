@@ -49,6 +49,7 @@ from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy
 from tta.state import ClassQueues, StreamStateMixin
+from tta.state.schema import Bool, Float, Int, ListOf, Maybe, Opts, Record, Tensor, class_index, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ ALPHA_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
 CV_GROWTH = 1.25  # an expensive alpha cross-validation reruns when the fitted set grew by 25 %
 CV_BUDGET_MS = 50.0  # below this cost it reruns at every refit
+# Largest |weight| or |bias| a fit may hold: d * pinv((N-1)S + tr(S) I) of unit features is ~1e3
+# (2.7e3 / 4.2e3 measured on tiny-random with 4 examples); only a degenerate support set comes near 1e9
+MAX_FIT = 1e9
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -157,6 +161,20 @@ def choose_alpha(features: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
     return float(grid[best]), float(correct[best] / max(total, 1))
 
 
+def _max_entropy(dims: dict[str, int]) -> float | None:
+    return math.log(dims["C"]) + 1e-4 if "C" in dims else None  # nats, plus float32 slack
+
+
+def _state_consistent(state: Any, dims: dict[str, int]) -> str | None:
+    total, correct = state["feedback"]
+    if correct > total:
+        return "feedback must be [total, correct <= total]"
+    scores = state["support"]["scores"]  # each support entry's score is the index of its example
+    if scores.numel() and (bool((scores != scores.round()).any()) or float(scores.max()) >= state["examples"]):
+        return "support scores must be example indices below 'examples'"
+    return None
+
+
 def load_support_folder(folder: str | Path, names: Sequence[str]) -> list[tuple[torch.Tensor, int]]:
     """(image, class index) from `folder/<label>/<image>`; unknown label folders are a BadRequest."""
     from tta.images import load_image_file
@@ -219,6 +237,20 @@ class GDA(StreamStateMixin, Method):
                                               for k, v in fit.items()}
         self._text = state.get("text")
         self._pseudo_since_refit = int(state.get("pseudo_since_refit", 0))
+
+    def _state_schema(self) -> Record:
+        fit = Record(weights=Tensor(("C", "d"), max_abs=MAX_FIT), bias=Tensor(("C",), max_abs=MAX_FIT), alpha=Float(0.0, 1e4),
+                     cv_accuracy=Maybe(Float(0.0, 1.0)), n=Int(low=0), cv_n=Int(low=0))
+        return Record(support=self.support.schema(), pseudo=self.pseudo.schema(score_high=_max_entropy),
+                      fit=Maybe(fit), text=Maybe(unit_rows(("C", "d"))), pseudo_since_refit=Int(low=0),
+                      examples=Int(low=0), feedback=ListOf(Int(low=0), length=2), checks=(_state_consistent,))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        common = {"opts": Opts(self.defaults), "cv_expensive": Bool()}
+        return {"support": Record(feats=unit_rows(("k", "v", "d")), labels=ListOf(class_index(), length="k"),
+                                  refit=Bool(), scored=Maybe(Bool()), optional=("refit",), **common),
+                "pseudo": Record(cls=class_index(), feature=unit_rows(("d",)), score=Float(0.0, _max_entropy),
+                                 **common)}
 
     def _clear_state(self) -> None:
         self.support.clear()

@@ -32,6 +32,7 @@ from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
+from tta.state.schema import Bool, Float, Int, Maybe, Record, Tensor, class_index, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,18 @@ def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return alpha * torch.exp(-beta * (1.0 - affinity)) @ values
 
 
+PROB_TOLERANCE = 1e-4  # float32 softmax (and means of it) can exceed 1 by a few ulps
+
+
+def max_entropy(dims: dict[str, int]) -> float | None:
+    """The largest entropy (nats) of a distribution over the deployment's C classes, plus float32 slack."""
+    return math.log(dims["C"]) + 1e-4 if "C" in dims else None
+
+
+def _probs_iff_negative(op: Any, dims: dict[str, int]) -> str | None:
+    return None if (op.get("probs") is not None) == bool(op["neg"]) else "probs must be given exactly when neg is true"
+
+
 def negative_values(probs: torch.Tensor, mask: tuple[float, float]) -> torch.Tensor:
     """Indicator of classes a cached sample found unlikely but possible: lower < p < upper."""
     return ((probs > mask[0]) & (probs < mask[1])).float()
@@ -115,6 +128,16 @@ class TDA(StreamStateMixin, Method):
         self.pos.load_state_dict(state["positive"])
         self.neg.load_state_dict(state["negative"])
         self.updates = int(state.get("updates", 0))
+
+    def _state_schema(self) -> Record:
+        probs = Tensor(("n", "C"), low=0.0, high=1.0 + PROB_TOLERANCE)
+        return Record(positive=self.pos.schema(score_high=max_entropy), negative=self.neg.schema(
+            value=probs, score_high=max_entropy), updates=Int(low=0))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        return {"update": Record(cls=class_index(), loss=Float(0.0, max_entropy), pos=Bool(), neg=Bool(),
+                                 feature=unit_rows(("d",)), probs=Maybe(Tensor(("C",), low=0.0, high=1.0 + PROB_TOLERANCE)),
+                                 checks=(_probs_iff_negative,))}
 
     def _clear_state(self) -> None:
         self.pos.clear()

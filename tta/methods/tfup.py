@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.state import ClassQueues, StreamStateMixin
+from tta.state.schema import Int, ListOf, Maybe, Opts, Record, Tensor, class_index, unit_rows
 
 log = logging.getLogger(__name__)
 
 SELECTION_SCALE = 10.0  # the repo's temperature for selection and semantic similarity
+MAX_WEIGHT = 1e4  # adapter weights and text residuals beyond this are not from training (AdamW, lr <= 1)
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,15 @@ class TFUP(StreamStateMixin, Method):
         self._cache = None if cache is None else {k: v.to(self.clip.device) for k, v in cache.items()}
         self.requests, self._since_rebuild, self.rebuilds = (int(v) for v in state.get("counters", [0, 0, 0]))
 
+    def _state_schema(self) -> Record:
+        cache = Record(keys=unit_rows(("m", "d")), classes=class_index(("m",)), shots=Tensor((), "int64", low=1, high=257),
+                       checks=(_cache_layout,))
+        return Record(buffer=self.buffer.schema(score_high=0.0), cache=Maybe(cache),
+                      counters=ListOf(Int(low=0), length=3), checks=(_counters_consistent,))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        return {"observe": Record(cls=class_index(), feature=unit_rows(("d",)), opts=Opts(self.defaults))}
+
     def _clear_state(self) -> None:
         self.buffer.clear()
         self._cache = None
@@ -306,6 +317,23 @@ class TFUP(StreamStateMixin, Method):
             self._after_update(text, opts)
 
 
+def _cache_layout(cache: Any, dims: dict[str, int]) -> str | None:
+    """A rebuilt cache holds `shots` entries of every class, in class order (`TFUP.rebuild`)."""
+    if "C" not in dims:  # library use before any label set is bound: nothing to compare with
+        return None
+    shots, classes, n_classes = int(cache["shots"]), cache["classes"], dims["C"]
+    if not torch.equal(classes, torch.arange(n_classes).repeat_interleave(shots)):
+        return f"classes must be each of the {n_classes} classes {shots} times (shots), in order"
+    return None
+
+
+def _counters_consistent(state: Any, dims: dict[str, int]) -> str | None:
+    requests, since_rebuild, rebuilds = state["counters"]
+    if since_rebuild > requests or rebuilds > requests:
+        return "counters must be [requests, since_rebuild <= requests, rebuilds <= requests]"
+    return None
+
+
 def marginal_loss(logits: torch.Tensor) -> torch.Tensor:
     """Negative entropy of the batch-mean prediction (minimising it spreads predictions over classes)."""
     mean = logits.softmax(-1).mean(0)
@@ -351,6 +379,17 @@ class TFUPT(TFUP):
         self.trained_rounds = int(adapters.get("rounds", 0))
         self._since_train = int(adapters.get("since_train", 0))
         self._optimizer = None
+
+    def _state_schema(self) -> Record:
+        base = super()._state_schema()
+        image = Record({"fc.0.weight": Tensor(("h", "d"), max_abs=MAX_WEIGHT),
+                        "fc.2.weight": Tensor(("d", "h"), max_abs=MAX_WEIGHT)})
+        adapters = Record(image=image, text_residual=Maybe(Tensor(("C", "d"), max_abs=MAX_WEIGHT)),
+                          rounds=Int(low=0), since_train=Int(low=0))
+        return Record({**base.fields, "adapters": adapters}, optional=base.optional, checks=base.checks)
+
+    def _schema_dims(self) -> dict[str, int]:
+        return {**super()._schema_dims(), "h": max(1, int(self.clip.embed_dim) // 4)}  # ImageAdapter's width
 
     def _clear_state(self) -> None:
         super()._clear_state()

@@ -467,20 +467,34 @@ def encode_state(value: Any) -> Any:
     return value
 
 
-def decode_state(value: Any) -> Any:
-    """Inverse of `encode_state` for an 'import' request; malformed tensors are the caller's error."""
+STATE_DTYPES = frozenset({"float16", "float32", "float64", "int32", "int64", "uint8", "bool"})
+
+
+def decode_state(value: Any, path: str = "") -> Any:
+    """Inverse of `encode_state` for an 'import' request; a malformed tensor is a 400 naming its field.
+
+    The declared shape must be the tensor's own (non-negative sizes whose product is the byte
+    count: no -1 left for numpy to infer) and the dtype one a state holds; what the values may be
+    is the owner's schema's business (`tta.state.schema`)."""
     if isinstance(value, dict) and TENSOR_TAG in value:
         import numpy as np
 
+        where = path or "state"
         try:
-            array = np.frombuffer(base64.b64decode(value["b64"], validate=True), dtype=np.dtype(value[TENSOR_TAG]))
-            return torch.from_numpy(array.reshape(value["shape"]).copy())
+            dtype, shape = value[TENSOR_TAG], value["shape"]
+            if dtype not in STATE_DTYPES:
+                raise ValueError(f"dtype {str(dtype)[:20]!r} is not one of {sorted(STATE_DTYPES)}")
+            if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                       for n in shape):
+                raise ValueError("shape must be a list of non-negative integers")
+            array = np.frombuffer(base64.b64decode(value["b64"], validate=True), dtype=np.dtype(dtype))
+            return torch.from_numpy(array.reshape(shape).copy())
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            raise _bad(f"malformed tensor in 'state': {exc}", code="bad_state") from exc
+            raise _bad(f"malformed tensor in 'state' at {where}: {exc}", code="bad_state") from exc
     if isinstance(value, dict):
-        return {k: decode_state(v) for k, v in value.items()}
+        return {k: decode_state(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [decode_state(v) for v in value]
+        return [decode_state(v, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 

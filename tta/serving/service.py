@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from tta.admission import Budget
 from tta.drift import DriftConfig
 from tta.engine import Engine, Prediction, PredictRequest
 from tta.errors import BadRequest, TTAError, Unavailable
+from tta.methods.base import get_method_class
 from tta.metrics import Exporter, ServingMetrics
 from tta.serving import codec
 from tta.serving.admin import AdminAuth
@@ -249,7 +250,10 @@ class Service:
         )
         impl = self.engine.method(prediction.method)
         if impl.scope == "stream":  # the request already caught up with the log: no second round trip
-            m.observe_state(name, prediction.method, impl.local_summary())
+            try:
+                m.observe_state(name, prediction.method, impl.local_summary())
+            except Exception:  # noqa: BLE001 - a gauge must never turn an answer into a 5xx
+                log.exception("%s: state summary failed; cache-fill gauge not updated", prediction.method)
         if "tier" in prediction.extra:
             m.observe_tier(name, prediction.method, str(prediction.extra["tier"]), bool(prediction.extra.get("escalated")))
 
@@ -338,6 +342,9 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
     budget = Budget.for_worker(config, response_timeout_s)  # a deadline past the worker timeout loses the batch
     device = device or resolve_device(config.get("device"))
     configure_state(config, model_name)
+    if metrics is None:
+        metrics = ServingMetrics()
+    watch_state_rejections(metrics, model_name)  # before the Engine: the drift reference restores as it is built
     labels_file = config.get("labels_file")
     names = load_labels(model_dir / labels_file) if labels_file else load_labels(config["labels"])
     labels = LabelSet.create(names, templates=config.get("templates", "single"))
@@ -357,16 +364,28 @@ def build_service(config: Mapping[str, Any], *, model_name: str, model_version: 
         drift=DriftConfig.from_mapping(config),
         max_batch_images=int(config.get("max_batch_images", 256)),
     )
-    if metrics is None:
-        metrics = ServingMetrics()
     metrics.observe_worker_start(model_name)
     metrics.known_methods = frozenset(engine.methods) | ({"drift"} if engine.drift is not None else set())
+    stream = [name for name in engine.methods if get_method_class(name).scope == "stream"]
+    metrics.declare_state_owners(model_name, [*stream, *(["drift"] if engine.drift is not None else [])])
     limits = Limits(max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
                     max_bytes=int(config.get("max_image_bytes", DEFAULT_MAX_BYTES)))
     return Service(engine, metrics, ModelInfo(model_name, model_version, spec), limits, budget=budget,
                    admin=admin or AdminAuth.from_config(config),
                    max_inflight=int(os.environ.get("TTA_MAX_INFLIGHT") or config.get("max_inflight") or 0),
                    answers=AnswerMemory.from_config(config, labels.names))
+
+
+def watch_state_rejections(metrics: ServingMetrics, model_name: str) -> Callable[[], None]:
+    """Count what stream-state validation refuses in this worker (`tta.state.host.on_rejected`) under
+    `model_name`; the deployment namespace is the served model's name (`configure_state`)."""
+    deployment = tta_state.current_config().deployment
+
+    def count(event: tta_state.Rejection) -> None:
+        if event.deployment == deployment:
+            metrics.observe_state_rejected(model_name, event.owner, event.source)
+
+    return tta_state.on_rejected(count)
 
 
 def configure_state(config: Mapping[str, Any], model_name: str) -> None:

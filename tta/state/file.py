@@ -2,7 +2,8 @@
 
 The worker process that takes the snapshot's owner lock restores the snapshot on start, applies
 operations in memory and writes an atomic snapshot every `every` operations, on every reset or
-import, and on export. Other worker processes refuse stream requests (503): to serve one state
+import, and on export. A snapshot that is corrupt or fails validation is refused: copied aside as
+`<name>.state.rejected` for inspection, counted, and the worker starts empty (and says so). Other worker processes refuse stream requests (503): to serve one state
 from several workers or pods, use the Redis backend.
 """
 
@@ -12,11 +13,13 @@ import logging
 import time
 from typing import Any
 
+from tta.state.host import as_rejection
 from tta.state.ops import HOST_KINDS, Op
 from tta.state.process import ProcessHost
 from tta.state.snapshot import StateStore
 
 log = logging.getLogger(__name__)
+EMPTY = "starting empty (the file backend has no log to replay)"
 
 
 class FileHost(ProcessHost):
@@ -34,13 +37,18 @@ class FileHost(ProcessHost):
         self._take_ownership(self.store)
         if self._owner_fd is None:
             return
-        loaded = self.store.load()
-        if loaded is None:
-            if self.store.path.exists():
-                self._warn("snapshot refused (corrupt or incompatible); started empty")
+        where = str(self.store.path)
+        try:
+            loaded = self.store.load_checked()
+        except ValueError as exc:  # corrupt: checksum, truncation, not a snapshot
+            self.refuse_snapshot(as_rejection(exc), where, lambda _: self.store.keep_rejected(), EMPTY)
             return
-        state, self.generation = loaded
-        self.stats.restored = self._restore(state, str(self.store.path))
+        if loaded is None:
+            return
+        state, generation = loaded
+        self.stats.restored = self._restore(state, where, lambda _: self.store.keep_rejected(), EMPTY)
+        if self.stats.restored:
+            self.generation = generation
         if self.stats.restored:
             log.info("%s: restored stream state generation %d from %s", self.name, self.generation, self.store.path)
 

@@ -13,6 +13,14 @@ state only by applying *operations* (`tta.state.ops`) and can snapshot and resto
 state and the caller answers from it (flagged ``"fallback": "state_unavailable"``); the
 operation is kept and sent when the backend returns. Backends: `ProcessHost` (state in this
 process), `FileHost` (snapshot files), `RedisHost` (an operation log shared by replicas).
+
+Nothing unchecked enters the state (`tta.state.schema`): an owner's `apply`/`restore` validate
+before they change anything. A request's own operation that fails is not appended (source
+``request``); a log entry that fails to decode, validate or apply is skipped by every replica
+alike (``log``); a snapshot that fails at start is refused, kept aside for inspection, and the
+replica starts from the log or empty (``snapshot``); a refused import answers 400 (``import``).
+Each is logged with what was refused and why, and reported to the `on_rejected` listeners (the
+serving edge counts them in ``tta_state_rejected_total{model,method,source}``).
 """
 
 from __future__ import annotations
@@ -20,15 +28,55 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from tta.state.config import StateConfig, current_config
-from tta.state.ops import IMPORT, RESET, Op
+from tta.state.ops import HOST_KINDS, IMPORT, RESET, Op
+from tta.state.schema import StateRejected
 from tta.state.snapshot import dumps, loads
 
 log = logging.getLogger(__name__)
+
+REJECTION_SOURCES = ("request", "log", "snapshot", "import")
+_NOT_FITTING = (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Something refused at the door of the state: by whom, from where, which field and rule."""
+
+    deployment: str
+    owner: str
+    source: str  # one of REJECTION_SOURCES
+    field: str
+    rule: str
+    entry: str | None = None  # log entry id, snapshot path or key
+
+
+_listeners: list[Callable[[Rejection], None]] = []
+_listeners_lock = threading.Lock()
+
+
+def on_rejected(listener: Callable[[Rejection], None]) -> Callable[[], None]:
+    """Call `listener` for every rejection in this process (metrics); returns the unsubscribe function."""
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return remove
+
+
+def as_rejection(exc: BaseException) -> StateRejected:
+    """Any failure to take a value in, as a `StateRejected` (owners without a schema raise others)."""
+    if isinstance(exc, StateRejected):
+        return exc
+    return StateRejected("state", f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 class StateOwner(Protocol):
@@ -52,6 +100,7 @@ class HostStats:
     snapshots: int = 0
     restored: bool = False
     unavailable: int = 0  # calls answered from the last known state
+    rejected: dict[str, int] = field(default_factory=dict)  # by source: operations, entries, snapshots refused
     dropped: int = 0  # operations dropped because too many were queued while the backend was away
     last_snapshot_ms: float = 0.0
     last_snapshot_bytes: int = 0
@@ -88,7 +137,11 @@ class StateHost:
             return self.available
 
     def commit(self, op: Op) -> bool:
-        """Append `op` to the log and apply it (after every earlier op); False = queued, not applied yet."""
+        """Append `op` to the log and apply it (after every earlier op); False = queued, not applied yet.
+
+        An operation the owner refuses is not applied (in-process backends validate it as they
+        apply it) and never appended to a shared log (`admit`): counted (source ``request``), logged.
+        """
         with self._lock:
             self.start()
             self.available = self._commit(op)
@@ -115,6 +168,8 @@ class StateHost:
                        last_snapshot_bytes=self.stats.last_snapshot_bytes)
         if self.stats.unavailable or self.stats.dropped:
             out.update(unavailable=self.stats.unavailable, dropped=self.stats.dropped)
+        if self.stats.rejected:
+            out["rejected"] = dict(self.stats.rejected)
         if self.stats.warnings:
             out["warnings"] = list(self.stats.warnings[-3:])
         return out
@@ -130,30 +185,80 @@ class StateHost:
         self._apply(op)
         return True
 
-    def _apply(self, op: Mapping[str, Any]) -> None:
-        """One operation, in log order. Never raises for a bad import: all replicas fail it alike."""
+    def _apply(self, op: Mapping[str, Any], source: str = "request", entry: str | None = None) -> bool:
+        """One operation, in log order; False when refused (the state is unchanged, the refusal
+        counted). Never raises for bad content: every replica refuses the same operation alike."""
         kind = op.get("kind")
-        if kind == RESET:
-            self.owner.restore(None)
-        elif kind == IMPORT:
-            try:
-                self.owner.restore(loads(op["state"]))
-            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-                self._warn(f"imported state refused ({exc}); state is now empty")
+        try:
+            if kind == RESET:
                 self.owner.restore(None)
-        else:
-            self.owner.apply(op)
+            elif kind == IMPORT:
+                try:
+                    state = loads(op["state"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise StateRejected("state", f"snapshot bytes do not decode ({exc})") from exc
+                try:
+                    self.owner.restore(state)
+                except _NOT_FITTING as exc:
+                    raise as_rejection(exc) from exc
+            else:
+                self.owner.apply(op)
+        except StateRejected as exc:
+            self.reject(source, exc, entry, "skipped; the state is unchanged")
+            return False
         self.stats.applied += 1
+        return True
 
-    def _restore(self, state: Mapping[str, Any] | None, where: str) -> bool:
-        """Restore a snapshot; one that does not fit leaves the owner empty (logged), never raises."""
+    def admit(self, op: Mapping[str, Any]) -> bool:
+        """Before an operation goes to a shared log: False (refusal counted) when the owner refuses it."""
+        validate = getattr(self.owner, "validate_op", None)
+        if validate is None or op.get("kind") in HOST_KINDS:
+            return True
+        try:
+            validate(op)
+        except StateRejected as exc:
+            self.reject("request", exc, outcome="not appended to the log")
+            return False
+        return True
+
+    def _restore(self, state: Mapping[str, Any] | None, where: str, keep: Callable[[StateRejected], str | None] | None = None,
+                 fallback: str = "starting empty") -> bool:
+        """Restore a snapshot; one that does not fit is refused (kept aside by `keep`, for inspection),
+        counted, and the owner starts empty; never raises."""
         try:
             self.owner.restore(state)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-            self._warn(f"snapshot {where} does not fit this deployment ({exc}); starting empty")
+        except _NOT_FITTING as exc:
+            self.refuse_snapshot(as_rejection(exc), where, keep, fallback)
             self.owner.restore(None)
             return False
         return True
+
+    def refuse_snapshot(self, exc: StateRejected, where: str, keep: Callable[[StateRejected], str | None] | None,
+                        fallback: str) -> None:
+        kept = None
+        if keep is not None:
+            try:
+                kept = keep(exc)
+            except Exception as err:  # noqa: BLE001 - keeping a copy is best effort; refusing is not
+                log.warning("%s: could not keep the refused snapshot %s aside: %s", self.name, where, err)
+        note = f"kept for inspection as {kept}; {fallback}" if kept else fallback
+        self.reject("snapshot", exc, where, note)
+
+    def reject(self, source: str, exc: StateRejected, entry: str | None = None, outcome: str = "") -> None:
+        """Count, log and report one refusal (see `on_rejected`)."""
+        what = {"request": "operation of this replica", "log": "log entry", "snapshot": "snapshot",
+                "import": "import"}.get(source, source)
+        where = f" {entry}" if entry else ""
+        self._warn(f"{what}{where} refused: {exc.field}: {exc.rule}" + (f"; {outcome}" if outcome else ""))
+        self.stats.rejected[source] = self.stats.rejected.get(source, 0) + 1
+        event = Rejection(self.config.deployment, self.name, source, exc.field, exc.rule, entry)
+        with _listeners_lock:
+            listeners = list(_listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a metrics failure must not change what the state does
+                log.exception("state rejection listener failed")
 
     def _warn(self, message: str) -> None:
         log.warning("%s: %s", self.name, message)

@@ -53,11 +53,15 @@ def encode(op: Mapping[str, Any]) -> bytes:
     return _LEN.pack(len(header)) + header + b"".join(chunks)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value an operation may carry")  # encode never writes NaN/Infinity
+
+
 def decode(data: bytes) -> Op:
     """Inverse of `encode`; ValueError on anything malformed."""
     try:
         (length,) = _LEN.unpack_from(data)
-        header = json.loads(data[_LEN.size:_LEN.size + length])
+        header = json.loads(data[_LEN.size:_LEN.size + length], parse_constant=_no_constant)
         body = memoryview(data)[_LEN.size + length:]
         op: Op = dict(header["v"])
         for key, (dtype, shape, start, size) in header["b"].items():

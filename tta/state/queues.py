@@ -13,6 +13,20 @@ from typing import Any, Literal
 
 import torch
 
+from tta.state.schema import (
+    AnyOf,
+    Bound,
+    Int,
+    Maybe,
+    Record,
+    Spec,
+    StateRejected,
+    Str,
+    Tensor,
+    class_index,
+    unit_rows,
+)
+
 Policy = Literal["lowest", "fifo"]
 
 
@@ -132,8 +146,38 @@ class ClassQueues:
                 "scores": torch.tensor(scores, dtype=torch.float64), "seqs": torch.tensor(seqs, dtype=torch.long),
                 "next_seq": self._seq}
 
+    def schema(self, key: tuple[int | str, ...] = ("d",), value: Spec | None = None, score_low: Bound = 0.0,
+               score_high: Bound = None, unit_keys: bool = True) -> Record:
+        """What `state_dict()` may hold for this queue (`tta.state.schema`): keys [n, *key] (CLIP
+        features: L2 norm <= 1 unless `unit_keys` is False), classes in [0, C), finite scores in
+        [score_low, score_high], unique sequence numbers below `next_seq`, at most `per_class` entries
+        per class and `max_total` in all. `value`: the spec of the values [n, ...] (None: no values)."""
+        key_spec = unit_rows(("n", *key)) if unit_keys else Tensor(("n", *key))
+        empty = Tensor((0,))  # an empty queue exports keys as torch.empty(0)
+        return Record(
+            policy=Str((self.policy,)), keys=AnyOf((key_spec, empty)), classes=class_index(("n",)),
+            values=Maybe(value) if value is not None else _NoneOnly(),
+            scores=Tensor(("n",), "float64", low=score_low, high=score_high), seqs=Tensor(("n",), "int64", low=0),
+            next_seq=Int(low=0), optional=("values",), checks=(self._check_counts,))
+
+    def _check_counts(self, state: Mapping[str, Any], dims: Mapping[str, int]) -> str | None:
+        classes, seqs = state["classes"], state["seqs"]
+        if classes.numel() > self.max_total:
+            return f"{classes.numel()} entries, this deployment holds at most {self.max_total}"
+        if classes.numel() and int(torch.unique(classes, return_counts=True)[1].max()) > self.per_class:
+            return f"a class holds more than {self.per_class} entries (this deployment's per-class capacity)"
+        if seqs.numel():
+            if torch.unique(seqs).numel() != seqs.numel():
+                return "seqs must be unique"
+            if int(state["next_seq"]) <= int(seqs.max()):
+                return "next_seq must be greater than every seq"
+        values = state.get("values")
+        if values is not None and values.shape[0] != classes.numel():
+            return "values must have one row per entry"
+        return None
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore entries, re-applying this instance's caps (a snapshot from a larger config shrinks)."""
+        """Restore entries, re-applying this instance's caps (validate with `schema()` first)."""
         self.clear()
         keys, classes = state["keys"], state["classes"]
         values, scores, seqs = state.get("values"), state["scores"], state["seqs"]
@@ -143,3 +187,11 @@ class ClassQueues:
             self.offer(int(classes[i]), keys[i], float(scores[i]), None if values is None else values[i])
         self._seq = max(self._seq, int(state.get("next_seq", self._seq)))
 
+
+
+class _NoneOnly(Spec):
+    """A queue without values exports ``values: None``."""
+
+    def check(self, value: Any, path: str, dims: dict[str, int]) -> None:
+        if value is not None:
+            raise StateRejected(path, "must be null (this queue holds no values)")

@@ -6,7 +6,10 @@ Keys (the ``{...}`` hash tag keeps one owner's keys in one Redis Cluster slot):
 - ``tta:{<deployment>.<owner>}:snap``  a Hash: the latest snapshot (``data``), the stream ``offset``
   it includes and the ``epoch`` it belongs to;
 - ``tta:{<deployment>.<owner>}:epoch`` a random token naming this incarnation of the log;
-- ``tta:{<deployment>.<owner>}:snaplock`` a short lease: one replica writes each snapshot.
+- ``tta:{<deployment>.<owner>}:snaplock`` a short lease: one replica writes each snapshot;
+- ``tta:{<deployment>.<owner>}:rejected`` a Hash: the last snapshot a replica refused (``data``,
+  ``offset``, ``epoch``, ``reason``, ``replica``, ``at``), kept for inspection (at most one
+  snapshot on top of `memory_bound`; delete it when done).
 
 Request path (one round trip, no lock): a Lua script checks the epoch and the snapshot offset,
 appends this replica's queued operations (skipping any already in the log, so a retry after a
@@ -38,6 +41,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -47,8 +51,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tta.state.config import mask_url
-from tta.state.host import StateHost
+from tta.state.host import StateHost, as_rejection
 from tta.state.ops import Op, decode, encode
+from tta.state.schema import StateRejected
 from tta.state.snapshot import dumps, loads, safe_name
 
 log = logging.getLogger(__name__)
@@ -121,11 +126,25 @@ def client(url: str, timeout_s: float) -> redis.Redis:
         if key not in _clients:
             kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                                       "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
-            password = os.environ.get("TTA_STATE_PASSWORD")
+            password = state_password()
             if password and not urlparse(url).password:
                 kwargs["password"] = password
             _clients[key] = redis.Redis.from_url(url, **kwargs)
         return _clients[key]
+
+
+def state_password() -> str | None:
+    """TTA_STATE_PASSWORD, else the file TTA_STATE_PASSWORD_FILE names (a mounted Kubernetes Secret:
+    no password in the environment). Read per new connection pool, so a rotated file is picked up."""
+    if os.environ.get("TTA_STATE_PASSWORD"):
+        return os.environ["TTA_STATE_PASSWORD"]
+    path = os.environ.get("TTA_STATE_PASSWORD_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise ValueError(f"TTA_STATE_PASSWORD_FILE {path} cannot be read: {exc}") from exc
 
 
 def key_prefix(deployment: str, owner: str) -> str:
@@ -180,6 +199,8 @@ class RedisHost(StateHost):
         return self._exchange()
 
     def _commit(self, op: Op) -> bool:
+        if not self.admit(op):  # what this replica refuses never reaches the others
+            return self._exchange()
         self._seq += 1
         self.pending[f"{self._replica}-{self._seq}"] = (encode(op), op)
         while len(self.pending) > self.config.max_pending:
@@ -239,14 +260,14 @@ class RedisHost(StateHost):
         try:
             op = mine[1] if mine is not None else decode(fields["o"])
         except (KeyError, ValueError) as exc:  # every replica of this version skips it alike
-            self._warn(f"skipped log entry {entry_id}: {exc}")
+            self.reject("log", StateRejected("entry", f"does not decode ({exc})"), entry_id, "skipped")
             op = None
         if op is not None:
             try:
-                self._apply(op)
+                self._apply(op, "log", entry_id)
             except Exception as exc:  # noqa: BLE001 - the same code fails the same op on every replica: skip it
                 log.exception("%s: log entry %s failed to apply; skipped", self.name, entry_id)
-                self._warn(f"log entry {entry_id} failed to apply ({type(exc).__name__}); skipped")
+                self.reject("log", as_rejection(exc), entry_id, "failed to apply; skipped")
         self.last_id = entry_id
         self._since_snapshot += 1
 
@@ -271,15 +292,29 @@ class RedisHost(StateHost):
         if _id(snap.get("epoch", b"")) != _id(epoch) or "data" not in snap:
             self._seed(_id(epoch))  # a log without its snapshot (evicted keys): start a new incarnation
             return
+        where = f"{self.prefix}:snap"
+        fallback = f"starting empty and replaying the log after {_id(snap.get('offset', b'0-0'))}"
         try:
-            state = loads(snap["data"])
-        except ValueError as exc:
-            self._warn(f"snapshot in Redis refused ({exc}); re-seeding from this replica")
-            self._seed(_id(epoch))
-            return
-        self.stats.restored = self._restore(state, f"{self.prefix}:snap")
+            state: dict[str, Any] | None = loads(snap["data"])
+        except ValueError as exc:  # corrupt: the same refusal as one that does not validate
+            self.refuse_snapshot(as_rejection(exc), where, lambda rejected: self._keep_rejected(snap, str(rejected)), fallback)
+            state = None
+        if state is None:
+            self.owner.restore(None)
+            self.stats.restored = False
+        else:
+            self.stats.restored = self._restore(state, where, lambda rejected: self._keep_rejected(snap, str(rejected)),
+                                                fallback)
         self.epoch, self.last_id = _id(epoch), _id(snap["offset"])
         self.snap_offset, self._since_snapshot = self.last_id, 0
+
+    def _keep_rejected(self, snap: Mapping[str, Any], reason: str) -> str:
+        """Copy a refused snapshot to ``:rejected`` (the snapshot itself stays where it is)."""
+        key = f"{self.prefix}:rejected"
+        self.redis.hset(key, mapping={"data": snap.get("data", b""), "offset": snap.get("offset", b""),
+                                      "epoch": snap.get("epoch", b""), "reason": reason[:500],
+                                      "replica": self._replica, "at": f"{time.time():.3f}"})
+        return key
 
     def _down(self, exc: BaseException) -> None:
         self.stats.unavailable += 1

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tta.state.schema import check_meta  # noqa: F401 - re-exported (older imports)
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"TTASTATE"
@@ -80,17 +82,37 @@ class StateStore:
     def load(self) -> tuple[dict[str, Any], int] | None:
         """(state, generation), or None with a logged warning when missing/corrupt/incompatible."""
         try:
+            return self.load_checked()
+        except ValueError as exc:
+            log.warning("state snapshot %s refused: %s; starting empty", self.path, exc)
+            return None
+
+    def load_checked(self) -> tuple[dict[str, Any], int] | None:
+        """(state, generation); None when there is no file; ValueError saying what is wrong with one."""
+        try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("state snapshot %s unreadable (%s); starting empty", self.path, exc)
+            raise ValueError(f"unreadable ({exc})") from exc
+        return loads_with_generation(raw)
+
+    def keep_rejected(self) -> str | None:
+        """Copy the snapshot aside as `<name>.state.rejected` (replacing an older one), so the next
+        save may overwrite the original while the refused one stays for inspection; its path."""
+        if not self.path.exists():
             return None
+        target = self.path.with_name(self.path.name + ".rejected")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".rejected.tmp", dir=self.directory)
         try:
-            return loads_with_generation(raw)
-        except ValueError as exc:
-            log.warning("state snapshot %s refused: %s; starting empty", self.path, exc)
-            return None
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.path.read_bytes())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return str(target)
 
     def acquire_owner(self) -> int | None:
         """Hold the lock for the process lifetime; the fd, or None if another *process* holds it.
@@ -186,21 +208,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-
-def check_meta(state: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the first mismatch between a state's `meta` and what this method expects."""
-    meta = state.get("meta")
-    if not isinstance(meta, Mapping):
-        raise ValueError("state has no 'meta' section")
-    for key, value in expected.items():
-        if value is None:
-            continue
-        got = meta.get(key)
-        if isinstance(value, tuple | list):
-            got = tuple(got) if isinstance(got, list | tuple) else got
-            value = tuple(value)
-        if got != value:
-            raise ValueError(f"state {key} is {got!r}, expected {value!r}")
-

@@ -1,21 +1,27 @@
 """Plumbing shared by the stream methods (TDA, TFUP, GDA): a `Method` as a state owner.
 
 A method mixes this in before `Method` and implements `_apply_op` (its operations), plus
-`_export_state`, `_import_state`, `_clear_state` and `_summary`. Requests build an operation and
-`self.host.commit(op)` it; the host applies it (after every earlier operation of every replica)
-through `apply`. State belongs to the deployment's label set: a snapshot or import is checked
-against the method name, state version, feature size, model and labels.
+`_export_state`, `_import_state`, `_clear_state` and `_summary`, and declares what its state and
+its operations may hold: `_state_schema()` and `_op_schemas()` (see `tta.state.schema`, whose
+docstring says how). Requests build an operation and `self.host.commit(op)` it; the host applies
+it (after every earlier operation of every replica) through `apply`, which validates it first.
+State belongs to the deployment's label set: a snapshot or import is checked against the method
+name, state version, feature size, model and labels, and field by field against the schema,
+before anything changes; a rejected one leaves the state as it was.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from tta.state.host import StateHost, open_host
-from tta.state.snapshot import check_meta
+from tta.state.schema import Record, StateRejected, Str, check_meta, validate
+
+log = logging.getLogger(__name__)
 
 STATE_UNAVAILABLE = "state_unavailable"
 
@@ -63,8 +69,56 @@ class StreamStateMixin:
     def _summary(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _state_schema(self) -> Record:
+        """The fields of `_export_state()` (without ``meta``), as a `tta.state.schema.Record`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no _state_schema(): nothing may enter its state "
+                                  "unchecked (tta/state/schema.py says how to declare it)")
+
+    def _op_schemas(self) -> dict[str, Record]:
+        """One `Record` per operation kind this method commits (the ``kind`` field is implied)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no _op_schemas(): nothing may enter its state "
+                                  "unchecked (tta/state/schema.py says how to declare it)")
+
+    def _schema_dims(self) -> dict[str, int]:
+        """Named dimensions of the schemas: ``d`` (embed_dim) and ``C`` (the deployment's labels)."""
+        dims = {"d": int(self.clip.embed_dim)}
+        if self._names is not None:
+            dims["C"] = len(self._names)
+        return dims
+
+    # --- validation (tta.state.schema): before anything changes ---
+    def _specs(self) -> tuple[Record, dict[str, Record]]:
+        cached = getattr(self, "_spec_cache", None)
+        if cached is None:
+            state = self._state_schema()
+            state = Record({"meta": Record(extra=True), **state.fields}, optional=state.optional, checks=state.checks)
+            ops = {kind: Record({"kind": Str((kind,)), **rec.fields}, optional=rec.optional, checks=rec.checks)
+                   for kind, rec in self._op_schemas().items()}
+            cached = self._spec_cache = (state, ops)
+        return cached
+
+    def validate_op(self, op: Mapping[str, Any]) -> None:
+        """`StateRejected` unless `op` is one of this method's operations with valid fields."""
+        ops = self._specs()[1]
+        kind = op.get("kind") if isinstance(op, Mapping) else None
+        if not isinstance(kind, str) or kind not in ops:
+            raise StateRejected("kind", f"{self.name} has no operation {str(kind)[:40]!r} (known: {sorted(ops)})")
+        validate(ops[kind], op, self._schema_dims())
+
+    def validate_state(self, state: Mapping[str, Any]) -> None:
+        """`StateRejected` unless `state` is a whole state of this method for this deployment."""
+        if not isinstance(state, Mapping):
+            raise StateRejected("state", f"must be an object, not {type(state).__name__}")
+        check_meta(state, self._meta())
+        dims = self._schema_dims()
+        labels = state["meta"].get("labels")
+        if "C" not in dims and isinstance(labels, list | tuple):
+            dims["C"] = len(labels)
+        validate(self._specs()[0], state, dims)
+
     # --- owner protocol (called by the host, in log order) ---
     def apply(self, op: Mapping[str, Any]) -> None:
+        self.validate_op(op)
         self._apply_op(op)
 
     def snapshot(self) -> dict[str, Any]:
@@ -107,10 +161,22 @@ class StreamStateMixin:
         return {"meta": self._meta(), **self._export_state()}
 
     def _import_checked(self, state: Mapping[str, Any]) -> None:
-        check_meta(state, self._meta())
+        """Validate, then replace; should the import still fail, the previous state is put back."""
+        self.validate_state(state)
         labels = state["meta"].get("labels")
+        try:
+            before: dict[str, Any] | None = self._export_state()
+        except Exception:  # noqa: BLE001 - the current state is itself broken: an import is the way out
+            log.exception("%s: the current state does not export; replacing it", self.name)
+            before = None
         self._clear_state()
-        self._import_state(state)
+        try:
+            self._import_state(state)
+        except Exception as exc:  # noqa: BLE001 - a gap in the schema: refuse, keep what was there
+            self._clear_state()
+            if before is not None:
+                self._import_state(before)
+            raise StateRejected("state", f"could not be applied ({type(exc).__name__}: {str(exc)[:200]})") from exc
         self._names = tuple(labels) if labels else self._names
 
     def _bind_labels(self, names: tuple[str, ...]) -> None:
@@ -143,7 +209,9 @@ class StreamStateMixin:
         try:
             scratch._import_checked(state)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
-            raise BadRequest(f"cannot import {self.name} state: {exc}", code="bad_state") from exc
+            rejected = exc if isinstance(exc, StateRejected) else StateRejected("state", f"{type(exc).__name__}: {exc}")
+            self.host.reject("import", rejected)
+            raise BadRequest(f"cannot import {self.name} state: {rejected}", code="bad_state") from exc
         self.host.load(scratch._export_with_meta())
 
     def local_summary(self) -> dict[str, Any]:
