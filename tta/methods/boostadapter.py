@@ -38,10 +38,18 @@ import torch
 
 from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
-from tta.methods.tda import cache_logits, negative_values, normalized_entropy
+from tta.methods.tda import (
+    PROB_TOLERANCE,
+    _probs_iff_negative,
+    cache_logits,
+    max_entropy,
+    negative_values,
+    normalized_entropy,
+)
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
 from tta.state.queues import Entry
+from tta.state.schema import Bool, Float, Int, Maybe, Record, Tensor, class_index, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
@@ -145,6 +153,16 @@ class BoostAdapter(StreamStateMixin, Method):
     # --- state ----------------------------------------------------------------------------
     def _export_state(self) -> dict[str, Any]:
         return {"positive": self.pos.state_dict(), "negative": self.neg.state_dict(), "updates": self.updates}
+
+    def _state_schema(self) -> Record:
+        probs = Tensor(("n", "C"), low=0.0, high=1.0 + PROB_TOLERANCE)
+        return Record(positive=self.pos.schema(score_high=max_entropy),
+                      negative=self.neg.schema(value=probs, score_high=max_entropy), updates=Int(low=0))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        return {"update": Record(cls=class_index(), loss=Float(0.0, max_entropy), pos=Bool(), neg=Bool(),
+                                 feature=unit_rows(("d",)), probs=Maybe(Tensor(("C",), low=0.0, high=1.0 + PROB_TOLERANCE)),
+                                 checks=(_probs_iff_negative,))}
 
     def _import_state(self, state: Mapping[str, Any]) -> None:
         d = int(self.clip.embed_dim)

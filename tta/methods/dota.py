@@ -47,11 +47,13 @@ from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import select_confident
 from tta.state import StreamStateMixin
+from tta.state.schema import Int, Maybe, Record, Str, Tensor, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
 MAX_PER_CLASS_FLOATS = 1 << 26  # 256 MiB of float32 per-class covariances at most
+PROB_TOLERANCE = 1e-4  # float32 softmax can exceed 1 by a few ulps
 INIT_MEAN = 0.001  # the repo initialises every class mean to this constant, not to the text embedding
 
 
@@ -177,6 +179,15 @@ class DOTA(StreamStateMixin, Method):
     def _export_state(self) -> dict[str, Any]:
         return {"mu": self.mu, "counts": self.counts, "cov": self.cov, "samples": self.samples,
                 "covariance": self.defaults.covariance}  # type: ignore[attr-defined]
+
+    def _state_schema(self) -> Record:
+        cov = ("C", "d", "d") if self._per_class else ("d", "d")
+        return Record(mu=Maybe(unit_rows(("C", "d"))), counts=Maybe(Tensor(("C",), low=1.0)),
+                      cov=Maybe(Tensor(cov, max_abs=1e9)), samples=Int(low=0),
+                      covariance=Str(("pooled", "per_class")))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        return {"fit": Record(x=unit_rows(("k", "d")), y=Tensor(("k", "C"), low=0.0, high=1.0 + PROB_TOLERANCE))}
 
     def _import_state(self, state: Mapping[str, Any]) -> None:
         if state.get("mu") is None:

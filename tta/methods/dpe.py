@@ -51,6 +51,7 @@ from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, c
 from tta.methods.tda import cache_logits, normalized_entropy
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
+from tta.state.schema import Float, Int, Maybe, Record, class_index, unit_rows
 from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,15 @@ class DPE(StreamStateMixin, Method):
     def _export_state(self) -> dict[str, Any]:
         return {"cache": self.cache.state_dict(), "text": None if self.text is None else self.text.cpu(),
                 "evolved": self.evolved, "updates": self.updates}
+
+    def _state_schema(self) -> Record:
+        # cache scores are normalised entropies: nats / log2(C) <= ln 2
+        return Record(cache=self.cache.schema(score_high=1.0), text=Maybe(unit_rows(("C", "d"))),
+                      evolved=Int(low=0), updates=Int(low=0))
+
+    def _op_schemas(self) -> dict[str, Record]:
+        return {"cache": Record(cls=class_index(), score=Float(0.0, 1.0), feature=unit_rows(("d",))),
+                "evolve": Record(text=unit_rows(("C", "d")))}
 
     def _import_state(self, state: Mapping[str, Any]) -> None:
         d = int(self.clip.embed_dim)
