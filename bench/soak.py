@@ -144,7 +144,7 @@ def acceptable(status: int, text: str, expect: str) -> bool:
             parsed = json.loads(text)
         except ValueError:
             return False
-        return isinstance(parsed, dict) and "message" in parsed
+        return isinstance(parsed, dict) and ("error" in parsed or "message" in parsed)  # ours, or the frontend's
     return ok
 
 

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.kserve_server import KServe
 from tests.integration.torchserve import TorchServe, build_archive
 
 MODEL = "cliptest"
 LABELS = ("cat", "dog", "astronaut", "coffee cup", "rocket", "car", "tree", "house", "bird", "fish")
 MAX_LABELS = 20
 MAX_PIXELS = 2_000_000
+KSERVE_METHOD_DEFAULTS = '{"tpt": {"n_views": 8}, "zero": {"n_views": 8}}'
+# The same deployment as the session TorchServe, served by `tta serve --server kserve`.
+KSERVE_ARGS = ("--method-defaults", KSERVE_METHOD_DEFAULTS, "--max-labels", str(MAX_LABELS), "--max-image-pixels",
+               str(MAX_PIXELS), "--batch-size", "4", "--max-batch-delay", "200")
 
 
 def jpeg_bytes(name: str, quality: int = 90) -> bytes:
@@ -53,3 +58,17 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     with TorchServe(tmp_path_factory.mktemp("torchserve"), MODEL).running(model_store, f"{MODEL}.mar") as ts:
         yield ts
+
+
+@pytest.fixture(scope="session")
+def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServe]:
+    """One KServe model server for the session (tests/integration/test_kserve.py, test_oip_conformance.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("the kserve extra is not installed (uv sync --extra kserve)")
+    workdir = tmp_path_factory.mktemp("kserve")
+    labels = workdir / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    with KServe(workdir, MODEL).running(labels, *KSERVE_ARGS) as running:
+        yield running

@@ -48,14 +48,15 @@ class KServe:
 
     @contextlib.contextmanager
     def running(self, labels_file: Path, *extra: str, clip: str = "tiny-random",
-                timeout_s: float = 180.0) -> Iterator[KServe]:
-        """Serving for the `with` block (a bearer token required), stopped afterwards."""
+                timeout_s: float = 180.0, require_token: bool = True) -> Iterator[KServe]:
+        """Serving for the `with` block (a bearer token required unless `require_token` is
+        false: tools such as perf_analyzer send no metadata over gRPC), stopped afterwards."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         token_file = self.workdir / "token"
         token_file.write_text(self.token, encoding="utf-8")
         cmd = [str(BIN / "tta"), "-v", "serve", "--server", "kserve", "--model", clip, "--name", self.model,
                "--labels-file", str(labels_file), "--http-port", str(self.http_port),
-               "--grpc-port", str(self.grpc_port), "--token-file", str(token_file), *extra]
+               "--grpc-port", str(self.grpc_port), *(("--token-file", str(token_file)) if require_token else ()), *extra]
         env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "TTA_METRICS_PORT")}
         env.update(HF_HUB_OFFLINE="1", TMPDIR=str(self.workdir), TTA_STATE_DIR="", TTA_ADMIN_TOKEN=self.admin_token)
         with open(self.log, "wb") as out:

@@ -69,7 +69,7 @@ def test_mixed_batch_equals_one_by_one(server: TorchServe, photos: dict[str, byt
         pytest.fail("the four concurrent requests never landed in one batch")
     single = [_post(server, body) for body in bodies]
     assert [r.status_code for r in batched] == [r.status_code for r in single] == [200, 200, 200, 400]
-    assert batched[3].json()["error"] == single[3].json()["error"] == "not_an_image"
+    assert batched[3].json()["code"] == single[3].json()["code"] == "not_an_image"
     for got, want in zip(batched[:3], single[:3], strict=True):
         got, want = got.json(), want.json()
         assert got["method"] == want["method"] and got["label"] == want["label"]

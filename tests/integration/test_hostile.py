@@ -2,7 +2,7 @@
 
 Every body of the generated corpus (tta.testing.hostile) and a bounded number of
 hypothesis-generated bodies of every form go through the real frontend and worker. Each answer
-is a 2xx, or a 4xx with ``{"error", "message"}`` (a 413 from the frontend's body limit aside),
+is a 2xx, or a 4xx with ``{"error": message, "code": code}`` (a 413 from the frontend's body limit aside),
 within a bounded time, never a 5xx; after each hostile body the next good request is answered
 exactly like before. Then the three defects: privileged actions without the admin credential,
 a JSON body 5,000 deep, and a request that would cost minutes (refused, or cut by its deadline).
@@ -48,7 +48,7 @@ def assert_answer(reply: requests.Response, expect: str = "any", name: str = "")
         json.loads(reply.text, parse_constant=lambda c: pytest.fail(f"{c} in the reply to {name}"))
     if reply.status_code >= 400 and reply.status_code != 413:
         body = reply.json()
-        assert set(body) == {"error", "message"}, (name, body)
+        assert set(body) == {"error", "code"}, (name, body)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_state_actions_need_the_admin_credential(server: TorchServe) -> None:
 def test_json_nested_5000_deep_is_a_4xx(server: TorchServe) -> None:
     for kind in ("list", "object"):
         reply = post(server, hostile.nested(5000, kind).encode(), {"Content-Type": "application/json"})
-        assert reply.status_code == 400 and reply.json()["error"] == "json_too_deep", reply.text
+        assert reply.status_code == 400 and reply.json()["code"] == "json_too_deep", reply.text
 
 
 def test_a_minutes_long_request_ends_by_its_deadline(server: TorchServe) -> None:

@@ -72,14 +72,14 @@ def test_label_refusals_through_torchserve(server: TorchServe, photos: dict[str,
         ({"action": "feedback", "id": elsewhere, "label": "cat"}, 404, "answer_elsewhere"),
     ):
         reply = post_json(server, body)
-        assert (reply.status_code, reply.json()["error"]) == (status, error), reply.text
-        assert reply.json()["message"]
+        assert (reply.status_code, reply.json()["code"]) == (status, error), reply.text
+        assert reply.json()["error"]
     after = counts(server)
     assert sum(labelled(after, "zeroshot", z, s) - labelled(before, "zeroshot", z, s)
                for z in (True, False) for s in (True, False)) == 0  # refusals count nothing
     assert post_json(server, {"action": "feedback", "id": answer["id"], "label": "cat"}).status_code == 200
     again = post_json(server, {"action": "feedback", "id": answer["id"], "label": "cat"})
-    assert (again.status_code, again.json()["error"]) == (409, "already_labelled")
+    assert (again.status_code, again.json()["code"]) == (409, "already_labelled")
 
 
 def test_oip_answers_carry_ids_and_gda_learns_from_a_labelled_answer(server: TorchServe,

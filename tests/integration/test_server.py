@@ -96,7 +96,7 @@ def test_batch_with_one_bad_image_fails_only_that_request(server: TorchServe, ph
     with ThreadPoolExecutor(len(bodies)) as pool:
         replies = list(pool.map(send, bodies))
     assert [r.status_code for r in replies] == [200, 200, 400, 200], [r.text for r in replies]
-    assert replies[2].json()["error"] == "not_an_image"
+    assert replies[2].json()["code"] == "not_an_image"
     for reply in (replies[0], replies[1], replies[3]):
         check_answer(reply.json(), "zeroshot")
     # the handler logs each multi-request batch: the four shared at least one
@@ -145,7 +145,7 @@ def test_bad_input_gets_its_4xx_and_the_next_request_works(server: TorchServe, p
     reply = requests.post(server.predict_url, headers=headers, timeout=60, **kwargs)
     assert reply.status_code == status, reply.text
     body = reply.json()
-    assert body["error"] == code and body["message"]
+    assert body["code"] == code and body["error"]
     good = requests.post(server.predict_url, data=photos["coffee"], headers=server.auth, timeout=60)
     assert good.status_code == 200 and good.json()["label"] in LABELS
 
@@ -217,7 +217,7 @@ def test_stream_state_actions(server: TorchServe, photos: dict[str, bytes]) -> N
     assert restored.status_code == 200, restored.text
     assert _cached(restored.json()["state"]) == _cached(filled)
     unknown = post_json(server, {"action": "explode", "method": "tda"})
-    assert unknown.status_code == 400 and unknown.json()["error"] == "unknown_action"
+    assert unknown.status_code == 400 and unknown.json()["code"] == "unknown_action"
     assert post_json(server, {"action": "reset", "method": "tda"}).status_code == 200
 
 

@@ -73,7 +73,7 @@ def test_tampered_imports_are_refused_and_answers_stay_the_same(server: TorchSer
         assert post_json(server, {"action": "import", "method": "tda", "state": exported}).status_code == 200
         refused = post_json(server, {"action": "import", "method": "tda", "state": _changed(exported, field, change)})
         assert refused.status_code == 400, (attempt, refused.status_code, refused.text)
-        assert refused.json()["error"] == "bad_state" and f"positive.{field}" in refused.json()["message"], attempt
+        assert refused.json()["code"] == "bad_state" and f"positive.{field}" in refused.json()["error"], attempt
         reply = post_json(server, probe)
         assert reply.status_code == 200, (attempt, reply.text)
         body = reply.json()

@@ -228,12 +228,12 @@ def test_label_action_refusals(tiny_clip, sample_images) -> None:
     ]
     for body, headers, status, error in cases:
         reply = _label(service, body, headers)
-        assert (reply.status, reply.body["error"]) == (status, error), (body, reply.body)
-        assert reply.body["message"]
+        assert (reply.status, reply.body["code"]) == (status, error), (body, reply.body)
+        assert reply.body["error"]
     assert sum(_count(service, "zeroshot", z, s) for z in ("true", "false") for s in ("true", "false")) == 0
     assert _label(service, {"action": "feedback", "id": answer["id"], "label": "cat"}).status == 200
     again = _label(service, {"action": "feedback", "id": answer["id"], "label": "cat"})
-    assert (again.status, again.body["error"]) == (409, "already_labelled")
+    assert (again.status, again.body["code"]) == (409, "already_labelled")
 
 
 def test_expired_and_evicted_ids_are_410(tiny_clip, sample_images) -> None:
@@ -242,10 +242,10 @@ def test_expired_and_evicted_ids_are_410(tiny_clip, sample_images) -> None:
     first = service.handle({"image": _b64(sample_images["chelsea"]), "method": "zeroshot"}).body["id"]
     second = service.handle({"image": _b64(sample_images["coffee"]), "method": "zeroshot"}).body["id"]
     evicted = _label(service, {"action": "feedback", "id": first, "label": "cat"})
-    assert (evicted.status, evicted.body["error"]) == (410, "answer_evicted")
+    assert (evicted.status, evicted.body["code"]) == (410, "answer_evicted")
     clock.now += 61.0
     expired = _label(service, {"action": "feedback", "id": second, "label": "cat"})
-    assert (expired.status, expired.body["error"]) == (410, "answer_expired")
+    assert (expired.status, expired.body["code"]) == (410, "answer_expired")
 
 
 def test_a_label_for_a_gda_answer_joins_its_support_set(tiny_clip, sample_images) -> None:

@@ -3,7 +3,7 @@
 Hypothesis generates bodies of every request form — raw bytes, the JSON form, state actions,
 OIP v2 JSON and OIP binary — with wrong types in every field, NaN/negative/huge numbers, odd
 unicode and nesting. For each: the answer is a 2xx, or a 4xx/503 with exactly
-``{"error", "message"}``; never a 5xx otherwise, never a NaN in the JSON, within a bounded time.
+``{"error": message, "code": code}``; never a 5xx otherwise, never a NaN in the JSON, within a bounded time.
 The generated corpus (tta.testing.hostile) runs through the same check.
 """
 
@@ -85,7 +85,7 @@ def check(service: Service, body: bytes | str | dict, headers: dict[str, str]): 
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a reply"))
     assert reply.status < 500 or (reply.status == 503 and "Retry-After" in reply.headers), (reply.status, parsed)
     if reply.status >= 400:
-        assert set(parsed) == {"error", "message"}, parsed
+        assert set(parsed) == {"error", "code"}, parsed
     assert elapsed < MAX_SECONDS, f"{elapsed:.1f}s for {str(body)[:200]}"
     return reply
 

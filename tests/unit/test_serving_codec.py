@@ -34,7 +34,7 @@ def test_raw_json_and_oip_forms_decode_to_the_same_image(png: bytes, sample_imag
                                      "parameters": {"binary_data_size": len(bytes_tensor(png, b64.encode()))}}],
                          "parameters": {"top_k": 2, "labels": '["a", "b"]'}}).encode()
     binary = codec.decode(header + bytes_tensor(png, b64.encode()), {codec.OIP_LENGTH_HEADER: str(len(header))})
-    nested = codec.decode({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [[b64]]}]})
+    nested = codec.decode({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [[b64]]}]})
     assert isinstance(raw, codec.Predict) and isinstance(form, codec.Predict)
     assert isinstance(binary, codec.OipInfer) and isinstance(nested, codec.OipInfer)
     images = [raw.image, form.image, *(item.image for item in binary.items), nested.items[0].image]
@@ -52,9 +52,19 @@ def test_raw_json_and_oip_forms_decode_to_the_same_image(png: bytes, sample_imag
     ({"action": "explode"}, {}, 400, "unknown_action"),
     ({"action": "import", "method": "tda", "state": 3}, {"x-tta-admin-token": "t"}, 400, "bad_state"),
     ({"action": "import", "method": "tda", "state": 3}, {}, 401, "unauthorized"),  # checked before decoding
-    ({"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}, {}, 400, "bad_json"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "data": ["AAAA"]}], "outputs": [{"name": "nope"}]}, {},
-     400, "bad_json"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, {}, 400, "bad_input"),
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, {}, 400, "bad_datatype"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+      "outputs": [{"name": "nope"}]}, {}, 400, "bad_output"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "data": ["AAAA"]}]}, {}, 400, "bad_shape"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+      "parameters": {"top-k": 3}}, {}, 400, "unknown_parameter"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"], "parameters": {"x": 1}}]},
+     {}, 400, "unknown_parameter"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}], "extra": 1}, {}, 400,
+     "unknown_field"),
     (b'{"inputs": []}' + bytes_tensor(b"x")[:3], {codec.OIP_LENGTH_HEADER: "14"}, 400, "bad_json"),
     (b'{"inputs": [{"datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}',  # 9 bytes past the end
      {codec.OIP_LENGTH_HEADER: "74"}, 400, "bad_json"),
@@ -80,3 +90,13 @@ def test_exported_state_round_trips_bit_exact() -> None:
     back = codec.decode_state(json.loads(json.dumps(codec.encode_state(state))))
     assert torch.equal(back["keys"], state["keys"]) and torch.equal(back["counts"], state["counts"])
     assert back["meta"] == [1, "a"]
+
+
+def test_unknown_oip_parameters_are_refused_but_tritons_reserved_ones_ignored(png: bytes) -> None:
+    """A typo is a 400 (never a silent default); `triton_*` (perf_analyzer adds one) is ignored."""
+    b64 = base64.b64encode(png).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+    typo = codec.decode({**body, "parameters": {"topk": 3}})
+    assert isinstance(typo, codec.Failure) and typo.code == "unknown_parameter" and "topk" in typo.message
+    triton = codec.decode({**body, "parameters": {"triton_enable_empty_final_response": False, "top_k": 2}})
+    assert isinstance(triton, codec.OipInfer) and triton.items[0].top_k == 2

@@ -64,9 +64,9 @@ def test_privileged_actions_need_the_admin_credential(tiny_clip, image_b64, acti
         body.update(label="cat", image=image_b64)
     caplog.set_level(logging.INFO, logger="tta.audit")
     missing = _post(service, body)
-    assert (missing.status, missing.body["error"]) == (401, "unauthorized"), missing.body
+    assert (missing.status, missing.body["code"]) == (401, "unauthorized"), missing.body
     wrong = _post(service, body, x_tta_admin_token="guess")
-    assert (wrong.status, wrong.body["error"]) == (403, "forbidden")
+    assert (wrong.status, wrong.body["code"]) == (403, "forbidden")
     right = _post(service, body, x_tta_admin_token=TOKEN, x_forwarded_for="10.1.2.3")
     assert right.status == 200, right.body
     audit = [r.getMessage() for r in caplog.records if r.name == "tta.audit"]
@@ -80,7 +80,7 @@ def test_state_stays_open_and_nothing_configured_means_disabled(tiny_clip) -> No
     service = _service(tiny_clip, admin=AdminAuth())
     assert _post(service, {"action": "state", "method": "tda"}).status == 200
     refused = _post(service, {"action": "reset", "method": "tda"}, x_tta_admin_token="anything")
-    assert refused.status == 403 and "no admin credential" in refused.body["message"]
+    assert refused.status == 403 and "no admin credential" in refused.body["error"]
 
 
 def test_drift_recapture_is_privileged_like_any_reset(tiny_clip) -> None:
@@ -120,14 +120,14 @@ def test_admin_token_from_a_mounted_secret_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["list", "object"])
 def test_json_nested_5000_deep_is_a_400(tiny_clip, kind: str) -> None:
     reply = _service(tiny_clip).handle(nested(5000, kind).encode(), JSON)
-    assert (reply.status, reply.body["error"]) == (400, "json_too_deep")
+    assert (reply.status, reply.body["code"]) == (400, "json_too_deep")
 
 
 def test_already_parsed_deep_json_is_refused_before_any_recursion(tiny_clip, image_b64) -> None:
     """TorchServe parses JSON bodies itself; a 900-deep `state` would recurse in decode_state."""
     body = {"action": "import", "method": "tda", "state": json.loads(nested(900, "object"))}
     reply = _service(tiny_clip).handle(body, {"x-tta-admin-token": TOKEN})
-    assert (reply.status, reply.body["error"]) == (400, "json_too_deep")
+    assert (reply.status, reply.body["code"]) == (400, "json_too_deep")
 
 
 # --- deadlines and budget -------------------------------------------------------------------------
@@ -145,20 +145,20 @@ def test_deadline_header_and_field_make_a_flagged_zero_shot_answer(tiny_clip, im
 
 def test_deadline_applies_to_oip_and_bad_deadlines_are_400(tiny_clip, image_b64) -> None:
     service = _service(tiny_clip)
-    oip = {"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": [image_b64]}],
+    oip = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image_b64]}],
            "parameters": {"method": "tpt", "deadline_ms": 1}}
     reply = _post(service, oip)
     assert reply.status == 200 and reply.predictions[0].extra["fallback"] == "deadline"
     for bad in ("0", "-5", "nan", "soon"):
         refused = _post(service, {"image": image_b64}, x_tta_deadline_ms=bad)
-        assert (refused.status, refused.body["error"]) == (400, "bad_deadline")
+        assert (refused.status, refused.body["code"]) == (400, "bad_deadline")
 
 
 def test_over_budget_is_422_naming_the_limit(tiny_clip, image_b64) -> None:
     service = _service(tiny_clip, budget=Budget(max_request_cost=100))
     reply = _post(service, {"image": image_b64, "method": "tpt", "options": {"n_views": 256, "steps": 4}})
-    assert reply.status == 422 and reply.body["error"] == "over_budget"
-    assert "max_request_cost 100" in reply.body["message"]
+    assert reply.status == 422 and reply.body["code"] == "over_budget"
+    assert "max_request_cost 100" in reply.body["error"]
 
 
 def test_a_deadline_past_the_worker_timeout_refuses_to_start() -> None:
@@ -188,7 +188,7 @@ def test_in_flight_bound_answers_503_with_retry_after(tiny_clip, image_b64) -> N
     busy = _post(service, {"image": image_b64})
     release.set()
     worker.join(30)
-    assert (busy.status, busy.body["error"]) == (503, "overloaded") and busy.headers["Retry-After"] == "1"
+    assert (busy.status, busy.body["code"]) == (503, "overloaded") and busy.headers["Retry-After"] == "1"
     assert first[0].status == 200
     assert _post(service, {"image": image_b64}).status == 200  # the bound frees with the request
 
@@ -203,7 +203,7 @@ def test_unavailable_answers_carry_retry_after(tiny_clip, image_b64) -> None:
 
     reply = _post(_service(dataclasses.replace(tiny_clip, image_encoder=oom)), {"image": image_b64})
     assert reply.status == 503 and reply.headers.get("Retry-After") == "1"
-    assert set(reply.body) == {"error", "message"}
+    assert set(reply.body) == {"error", "code"}
 
 
 def test_reply_text_never_holds_nan(tiny_clip) -> None:

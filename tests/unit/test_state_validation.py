@@ -403,11 +403,11 @@ def test_the_serving_edge_answers_400_naming_field_and_rule_and_counts_it(engine
                            ({**keys, "__tensor__": "object"}, "positive.keys")):
             state = {**exported, "positive": {**exported["positive"], "keys": bad}}
             reply = service.handle(json.dumps({"action": "import", "method": "tda", "state": state}).encode(), headers)
-            assert reply.status == 400 and reply.body["error"] == "bad_state" and field in reply.body["message"]
+            assert reply.status == 400 and reply.body["code"] == "bad_state" and field in reply.body["error"]
         nan_scores = codec.encode_state(torch.full_like(engine.export_state("tda")["positive"]["scores"], math.nan))
         state = {**exported, "positive": {**exported["positive"], "scores": nan_scores}}
         reply = service.handle(json.dumps({"action": "import", "method": "tda", "state": state}).encode(), headers)
-        assert reply.status == 400 and reply.body["message"] == (
+        assert reply.status == 400 and reply.body["error"] == (
             "cannot import tda state: positive.scores: values must be finite (no NaN or infinity)")
         text = metrics.render().decode()
         assert sum(sample_values(text, "tta_state_rejected_total", {"method": "tda", "source": "import"})) == 1

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "TTA_INFERENCE_TOKEN"
+KSERVE_MAX_BATCH_DELAY_MS = 50  # what bench/results/batching.json measured for the KServe batcher
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-grpc", action="store_true", help="serve REST only")
     parser.add_argument("--batch-size", type=int, default=int(os.environ.get("BATCH_SIZE", 4)),
                         help="requests run together at most (default: %(default)s)")
-    parser.add_argument("--max-batch-delay", type=int, default=int(os.environ.get("MAX_BATCH_DELAY", 50)),
-                        help="ms to fill a batch (default: %(default)s)")
+    parser.add_argument("--max-batch-delay", type=int,
+                        default=int(os.environ["MAX_BATCH_DELAY"]) if os.environ.get("MAX_BATCH_DELAY") else None,
+                        help="ms to fill a batch: KServe collects only while a batch runs (default 50); "
+                             "TorchServe's frontend waits even when idle (default 10, scripts/serve.sh)")
+    parser.add_argument("--max-inflight", type=int, default=int(os.environ.get("TTA_MAX_INFLIGHT") or 100),
+                        help="requests queued or running at most; more get 503 + Retry-After (0: unbounded; "
+                             "default: env TTA_MAX_INFLIGHT or %(default)s, TorchServe's job_queue_size)")
     parser.add_argument("--max-labels", type=int, default=1000, help="per-request label list limit")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
                         help="larger request bodies get 413 (default: %(default)s, TorchServe's max_request_size)")
@@ -86,8 +92,10 @@ def deployment_config(args: argparse.Namespace) -> dict[str, Any]:
     from tta.commands.archive import check_method_flags
 
     method_defaults = check_method_flags(args)
-    if args.batch_size < 1 or args.max_batch_delay < 0:
-        raise TTAError("--batch-size must be >= 1 and --max-batch-delay >= 0")
+    if args.max_batch_delay is None:
+        args.max_batch_delay = KSERVE_MAX_BATCH_DELAY_MS
+    if args.batch_size < 1 or args.max_batch_delay < 0 or args.max_inflight < 0:
+        raise TTAError("--batch-size must be >= 1, --max-batch-delay >= 0 and --max-inflight >= 0")
     config: dict[str, Any] = {
         "model": args.model, "templates": args.templates, "default_method": args.method,
         "method_defaults": method_defaults, "max_labels": args.max_labels,
@@ -146,7 +154,7 @@ def _kserve(args: argparse.Namespace, config: dict[str, Any], token: str | None)
     metrics = ServingMetrics(registry=prometheus_client.REGISTRY)
     model = ClipTTAModel(args.name, config, model_version=args.version, metrics=metrics, token=token,
                          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
-                         max_request_bytes=args.max_request_bytes)
+                         max_inflight=args.max_inflight, max_request_bytes=args.max_request_bytes)
     log.warning("serving %s (%s) with KServe: REST :%d%s%s", args.name, args.model, args.http_port,
                 "" if args.no_grpc else f", gRPC :{args.grpc_port}", ", bearer token required" if token else "")
     serve(model, args.http_port, args.grpc_port, grpc=not args.no_grpc)
@@ -159,8 +167,9 @@ def _torchserve(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise TTAError("--server torchserve runs scripts/serve.sh from a repository checkout; not found")
     env = {**os.environ, "MODEL": args.model, "NAME": args.name, "METHOD": args.method, "TEMPLATES": args.templates,
-           "BATCH_SIZE": str(args.batch_size), "MAX_BATCH_DELAY": str(args.max_batch_delay), "SKIP_SYNC": "1",
-           "SERVER": "torchserve"}
+           "BATCH_SIZE": str(args.batch_size), "SKIP_SYNC": "1", "SERVER": "torchserve"}
+    if args.max_batch_delay is not None:  # else serve.sh's TorchServe default
+        env["MAX_BATCH_DELAY"] = str(args.max_batch_delay)
     if args.labels_file:
         env["LABELS_FILE"] = str(Path(args.labels_file).resolve())
     if args.method_defaults.strip() not in ("", "{}"):

@@ -39,6 +39,21 @@ from tta.serving.admin import ADMIN_HEADER, PRIVILEGED, missing_credential
 
 JSON_FIELDS = frozenset({"image", "method", "top_k", "labels", "options", "seed", DEADLINE_FIELD})
 OIP_PARAMETERS = ("method", "top_k", "labels", "options", "seed", DEADLINE_FIELD)
+# The served model's tensors (what OIP model metadata declares, and what requests are checked against).
+OIP_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # one encoded image per element
+OIP_OUTPUT_TENSORS = ({"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                      {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]})
+# Parameters OIP clients send beyond ours: tritonclient's binary tensor extension. Anything else is
+# refused (400 unknown_parameter) rather than ignored, so a typo never falls back to a default.
+OIP_BINARY_OUTPUT = "binary_data_output"
+# Triton reserves the `triton_` prefix for its own parameters; its clients add some unasked
+# (perf_analyzer over gRPC: triton_enable_empty_final_response, a streaming flag). They mean
+# nothing here and are ignored, so Triton's tools work; every other unknown parameter is a 400.
+TRITON_RESERVED_PREFIX = "triton_"
+OIP_REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
+OIP_INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+OIP_INPUT_PARAMETERS = frozenset({"binary_data_size"})
+OIP_OUTPUT_PARAMETERS = frozenset({"binary_data"})
 ACTIONS = ("state", "reset", "export", "import", "feedback")
 STATUS_BY_CODE = {"image_too_large": 413, "request_too_large": 413, "unauthorized": 401, "forbidden": 403,
                   "over_budget": 422, "answer_unknown": 404, "answer_elsewhere": 404, "already_labelled": 409,
@@ -50,7 +65,7 @@ MAX_ANSWER_ID_CHARS = 64  # issued ids have 37 characters (tta.serving.answers)
 MAX_JSON_DEPTH = 32  # deepest request form is ~6 levels (OIP data, exported state); 5,000 levels was a 500
 RETRY_AFTER_S = 1  # what a 503 tells a client to wait before retrying
 OIP_LENGTH_HEADER = "inference-header-content-length"
-OIP_OUTPUTS = ("labels", "probabilities")
+OIP_OUTPUTS = tuple(t["name"] for t in OIP_OUTPUT_TENSORS)
 TENSOR_TAG = "__tensor__"
 DEFAULT_TOP_K = 5
 
@@ -130,7 +145,8 @@ class Failure:
         return PHRASES.get(self.status, "Error")
 
     def body(self) -> dict[str, str]:
-        return {"error": self.code, "message": self.message}
+        """OIP's error object: ``error`` is the message a person reads; ``code`` is for programs."""
+        return {"error": self.message, "code": self.code}
 
 
 Request = Predict | OipInfer | Action
@@ -349,12 +365,25 @@ def decode_action(payload: Mapping[str, Any], limits: Limits) -> Action:
 
 
 def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None = None) -> OipInfer:
-    """OIP v2 JSON: every element of every BYTES input is one image; parameters apply to all."""
+    """OIP v2 JSON, checked against the model metadata: one BYTES input ``image`` of shape [n]
+    holding n encoded images (base64 text, or raw bytes through the binary extension); the
+    request's parameters apply to every image. Unknown fields and parameters are refused."""
     started = time.perf_counter() if started is None else started
+    unknown = sorted(set(payload) - OIP_REQUEST_FIELDS)
+    if unknown:
+        raise _bad(f"unknown OIP request field(s) {unknown}; known: {sorted(OIP_REQUEST_FIELDS)}",
+                   code="unknown_field")
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object", code="bad_json")
-    binary_output = bool(params.get("binary_data_output"))
+    unknown = sorted(k for k in set(params) - set(OIP_PARAMETERS) - {OIP_BINARY_OUTPUT}
+                     if not str(k).startswith(TRITON_RESERVED_PREFIX))
+    if unknown:
+        raise _bad(f"unknown request parameter(s) {unknown}; known: {[*OIP_PARAMETERS, OIP_BINARY_OUTPUT]}",
+                   code="unknown_parameter")
+    binary_output = params.get(OIP_BINARY_OUTPUT, False)
+    if not isinstance(binary_output, bool):
+        raise _bad(f"'{OIP_BINARY_OUTPUT}' must be a boolean", code="bad_json")
     params = {k: params.get(k) for k in OIP_PARAMETERS}
     if isinstance(params["options"], str):  # tritonclient parameters are scalars: options come as JSON text
         params["options"] = parse_json(params["options"].encode("utf-8"))
@@ -362,19 +391,54 @@ def decode_oip(payload: Mapping[str, Any], limits: Limits, started: float | None
         params["labels"] = parse_json(params["labels"].encode("utf-8"))
     checked = _check_parameters(params)
     outputs = _requested_outputs(payload.get("outputs"))
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise _bad("OIP 'inputs' must be a non-empty list", code="bad_json")
-    elements = [element for item in inputs for element in oip_elements(item)]
-    if not elements:
-        raise _bad("no image in the OIP inputs", code="empty_body")
+    elements = oip_input_elements(payload.get("inputs"))
     items = []
     for element in elements:
         item_start = time.perf_counter() if items else started
         image, decode_ms = decode_image_element(element, limits)
         items.append(Predict(image, decode_ms=decode_ms, started=item_start, **checked))
     request_id = payload.get("id")
-    return OipInfer(items, str(request_id) if request_id else None, outputs, binary_output)
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad("OIP 'id' must be a string", code="bad_json")
+    return OipInfer(items, request_id or None, outputs, binary_output)
+
+
+def oip_input_elements(inputs: Any) -> list[Any]:
+    """The elements of the request's one input, checked against `OIP_INPUT` (name, datatype,
+    rank, shape against element count, tensor parameters)."""
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("OIP 'inputs' must be a non-empty list", code="bad_json")
+    if not all(isinstance(item, dict) for item in inputs):
+        raise _bad("OIP inputs must be objects", code="bad_json")
+    name = OIP_INPUT["name"]
+    names = [item.get("name") for item in inputs]
+    if names != [name]:
+        raise _bad(f"OIP inputs {names}: this model takes exactly one input, {name!r} "
+                   f"({OIP_INPUT['datatype']}, shape {OIP_INPUT['shape']})", code="bad_input")
+    item = inputs[0]
+    unknown = sorted(set(item) - OIP_INPUT_FIELDS)
+    if unknown:
+        raise _bad(f"unknown field(s) {unknown} in input {name!r}", code="unknown_field")
+    if item.get("datatype") != OIP_INPUT["datatype"]:
+        raise _bad(f"input {name!r} must be {OIP_INPUT['datatype']} (encoded images), "
+                   f"got {item.get('datatype')!r}", code="bad_datatype")
+    tensor_params = item.get("parameters") or {}
+    if not isinstance(tensor_params, dict):
+        raise _bad(f"input {name!r} 'parameters' must be an object", code="bad_json")
+    unknown = sorted(set(tensor_params) - OIP_INPUT_PARAMETERS)
+    if unknown:
+        raise _bad(f"unknown parameter(s) {unknown} of input {name!r}; known: {sorted(OIP_INPUT_PARAMETERS)}",
+                   code="unknown_parameter")
+    elements = oip_elements(item)
+    shape = item.get("shape")
+    if (not isinstance(shape, list) or len(shape) != len(OIP_INPUT["shape"])
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise _bad(f"input {name!r} needs shape [n] (n images), got {shape!r}", code="bad_shape")
+    if shape[0] != len(elements):
+        raise _bad(f"input {name!r} has shape {shape} but {len(elements)} element(s)", code="bad_shape")
+    if not elements:
+        raise _bad("no image in the OIP inputs", code="empty_body")
+    return elements
 
 
 def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
@@ -386,7 +450,12 @@ def _requested_outputs(outputs: Any) -> list[dict[str, Any]] | None:
         raise _bad("OIP 'outputs' must be a list of objects with a 'name'", code="bad_json")
     unknown = sorted({o["name"] for o in outputs} - set(OIP_OUTPUTS))
     if unknown:
-        raise _bad(f"unknown output(s) {unknown}; known: {list(OIP_OUTPUTS)}", code="bad_json")
+        raise _bad(f"unknown output(s) {unknown}; known: {list(OIP_OUTPUTS)}", code="bad_output")
+    for o in outputs:
+        params = o.get("parameters") or {}
+        if not isinstance(params, dict) or set(params) - OIP_OUTPUT_PARAMETERS:
+            raise _bad(f"output {o['name']!r}: parameters must be an object with at most "
+                       f"{sorted(OIP_OUTPUT_PARAMETERS)}", code="unknown_parameter")
     return [{"name": o["name"], "parameters": dict(o.get("parameters") or {})} for o in outputs]
 
 
