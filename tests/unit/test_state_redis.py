@@ -218,6 +218,34 @@ def test_engines_on_one_log_hold_identical_state_equal_to_a_single_engine(tiny_c
     assert a.state_summary("gda")["feedback_total"] == 6
 
 
+NEW_STREAM = {"dota": {"covariance": "per_class"}, "dpe": {"n_views": 4, "evolve_entropy": 1.0}, "boostadapter": {"n_views": 16}}
+
+
+@pytest.mark.parametrize("method", sorted(NEW_STREAM))
+def test_new_stream_methods_on_one_log_hold_identical_state(tiny_clip, server: RedisServer,
+                                                            redis_config: StateConfig, method: str) -> None:
+    """dota / dpe / boostadapter: two engines alternating on one log end equal, and equal to a
+    third engine that only replays that log (the operations carry everything the state needs)."""
+    from tests.unit.test_tda import _same_state
+    from tta.engine import Engine
+    from tta.text import LabelSet
+
+    defaults = {method: NEW_STREAM[method]}
+    a = Engine(tiny_clip, LabelSet.create(LABELS), method_defaults=defaults)
+    b = Engine(tiny_clip, LabelSet.create(LABELS), method_defaults=defaults)
+    for i, image in enumerate(_images(12, seed=11)):
+        assert "fallback" not in (a, b)[i % 2].predict(image, method=method, seed=i).extra
+    exported = a.export_state(method)
+    assert _same_state(exported, b.export_state(method))
+    configure(StateConfig())
+    single = Engine(tiny_clip, LabelSet.create(LABELS), method_defaults=defaults)
+    ops = _log_ops(server.url, redis_config.deployment, method)
+    assert len(ops) >= 12
+    for op in ops:
+        single.method(method).host.commit(op)
+    assert _same_state(exported, single.export_state(method))
+
+
 def test_tda_redis_memory_bounded_after_ten_times_capacity(tiny_clip, server: RedisServer) -> None:
     from tta.engine import Engine
     from tta.methods.tda import TDA

@@ -31,13 +31,16 @@ from tta.state.ops import decode, encode
 from tta.text import LabelSet
 
 LABELS = ["cat", "dog", "car", "rocket", "cup", "tree"]
-OWNERS = ("tda", "tfup", "tfup-t", "gda", "drift")
+OWNERS = ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter", "drift")
 DEFAULTS = {
     "tda": {"neg_entropy": [0.0, 1.0]},  # every sample enters the negative cache too (both caches non-empty)
     "tfup": {"min_buffer": 4, "rebuild_every": 2, "min_shots": 1, "max_shots": 2},
     "tfup-t": {"min_buffer": 4, "rebuild_every": 2, "min_shots": 1, "max_shots": 2, "train_every": 3,
                "train_steps": 2},
     "gda": {"pseudo_labels": True, "pseudo_threshold": 0.0, "alpha": 1.0},
+    "dota": {},
+    "dpe": {"n_views": 1, "evolve_entropy": 1.0},  # every answer evolves the text prototypes (non-empty)
+    "boostadapter": {"n_views": 1, "neg_entropy": [0.0, 1.0]},
 }
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -64,7 +67,7 @@ def engine(tiny_clip) -> Iterator[Engine]:
                      drift=DriftConfig(reference_size=4, window=2))
         gen = torch.Generator().manual_seed(0)
         images = [torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=gen) for _ in range(8)]
-        for method in ("tda", "tfup", "tfup-t", "gda"):
+        for method in ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter"):
             for image in images:
                 eng.predict(image, method=method)
         for i, image in enumerate(images[:4]):
@@ -289,6 +292,14 @@ def _real_op(engine: Engine, owner: str) -> dict:
         return {"kind": "observe", "cls": 2, "feature": feature, "opts": {"rebuild_every": 3}}
     if owner == "gda":
         return impl._op("support", impl.defaults, feats=feature[None, None], labels=[1], refit=True, scored=True)
+    if owner == "dota":
+        return impl.update_op(feature[None], probs[None])
+    if owner == "dpe":
+        return {"kind": "cache", "cls": 1, "score": 0.3, "feature": feature}
+    if owner == "boostadapter":
+        op = impl.update_op(feature, 1, 1.0, probs, impl.defaults)
+        assert op["neg"]
+        return op
     return observe_op(feature.double(), 1, 0.5, 0.7)
 
 

@@ -5,10 +5,13 @@ prediction is confident, otherwise escalate to the next tier (ZERO with a few vi
 while the request's latency budget allows. The TTA papers' own analyses find the gain on
 low-confidence inputs; confident ones rarely change, so most requests can skip the 64-view cost.
 
-- Tiers: ``tiers="zeroshot,zero:32,tpt:64"`` (``name[:views]``; names: zeroshot, tda, zero,
-  tpt), cheapest first. ``tda`` runs the deployment's own TDA instance (its defaults, its caches,
-  updated as a direct ``tda`` request would) on the original view's features: a stream method as
-  the cheap first tier when the deployment has one. The last tier with the most views defines the view pool: every multi-view tier
+- Tiers: ``tiers="zeroshot,zero:32,tpt:64"`` (``name[:views]``; names: zeroshot, zero, tpt, or
+  a stream method), cheapest first. A stream tier (``tda``, ``dota``, ``dpe``, ``boostadapter``,
+  ``tfup``, ``gda``: any registered stream method that declares its first views) runs the
+  deployment's own instance (its defaults, its state, updated as a direct request would) on the
+  original view's features: a stream method as the cheap first tier when the deployment has one.
+  Its deployment defaults must be single-view (e.g. ``dpe`` with ``n_views=1``), else the tier is
+  refused rather than silently encoding views. The last tier with the most views defines the view pool: every multi-view tier
   uses a prefix of the same seeded views, so with the gate at 1 the answer is the last tier's
   own answer for the same seed, and the views a lower tier encoded are reused by the next.
 - Gate: a confidence in [0, 1] of the tier's probabilities: ``max_prob`` (top-1 probability),
@@ -55,9 +58,19 @@ from tta.methods.tpt import TPT, TPTOptions
 from tta.methods.zero import ZeroOptions, zero_vote
 from tta.views import ViewSpec, make_views
 
-TIER_NAMES = ("zeroshot", "tda", "zero", "tpt")
-DEFAULT_VIEWS = {"zeroshot": 1, "tda": 1, "zero": 64, "tpt": 64}
-SINGLE_VIEW = ("zeroshot", "tda")
+TIER_NAMES = ("zeroshot", "zero", "tpt")  # plus any stream method that runs on the original view
+DEFAULT_VIEWS = {"zeroshot": 1, "zero": 64, "tpt": 64}
+SINGLE_VIEW = ("zeroshot",)
+
+
+def stream_tier(name: str) -> bool:
+    """Whether `name` is a registered stream method that can run on the original view alone (its
+    first views are declared: tda, dota, dpe, boostadapter, tfup, gda); single-view at run time."""
+    from tta.methods.base import _REGISTRY, _ensure_loaded
+
+    _ensure_loaded()
+    cls = _REGISTRY.get(name)
+    return cls is not None and cls.scope == "stream" and cls.batch_encoding in ("original", "views")
 Gate = Literal["max_prob", "margin", "entropy"]
 EWMA_WEIGHT = 0.3  # weight of the newest latency sample in the per-tier running mean
 TPT_PRIOR_FACTOR = 3.0  # TPT's backward through the text encoder on top of its forward
@@ -70,7 +83,15 @@ class Tier:
 
     @property
     def key(self) -> str:
-        return self.name if self.name in SINGLE_VIEW else f"{self.name}:{self.views}"
+        return self.name if self.single else f"{self.name}:{self.views}"
+
+    @property
+    def single(self) -> bool:
+        return self.name in SINGLE_VIEW or self.stream
+
+    @property
+    def stream(self) -> bool:
+        return self.name not in TIER_NAMES and stream_tier(self.name)
 
 
 def parse_tiers(spec: str) -> tuple[Tier, ...]:
@@ -81,10 +102,12 @@ def parse_tiers(spec: str) -> tuple[Tier, ...]:
             continue
         name, _, views = part.partition(":")
         name = name.strip()
-        if name not in TIER_NAMES:
-            raise ValueError(f"unknown tier '{name}' (known: {', '.join(TIER_NAMES)})")
-        n = DEFAULT_VIEWS[name] if not views else int(views)
-        if name in SINGLE_VIEW and n != 1:
+        stream = name not in TIER_NAMES and stream_tier(name)
+        if name not in TIER_NAMES and not stream:
+            raise ValueError(f"unknown tier '{name}' (known: {', '.join(TIER_NAMES)}, or a stream method "
+                             "that runs on the original view, e.g. tda, dota)")
+        n = (1 if stream else DEFAULT_VIEWS[name]) if not views else int(views)
+        if (name in SINGLE_VIEW or stream) and n != 1:
             raise ValueError(f"{name} has exactly one view here (its deployment options apply)")
         if not 1 <= n <= 512:
             raise ValueError("views per tier must be in [1, 512]")
@@ -234,7 +257,7 @@ class Auto(Method):
     def batch_views(self, request: MethodInput) -> torch.Tensor | None:
         """A batch can share the first tier's encoding when that tier is single-view."""
         tiers = request.options.parsed_tiers()  # type: ignore[attr-defined]
-        return super().batch_views(request) if tiers[0].name in SINGLE_VIEW else None
+        return super().batch_views(request) if tiers[0].single else None
 
     # --- the gate's threshold (fixed, or tracked online) ----------------------------------------
     def _threshold(self, opts: AutoOptions) -> float:
@@ -264,7 +287,7 @@ class Auto(Method):
             temperature = request.options.temperature or 1.0  # type: ignore[attr-defined]
             with request.timer.stage("predict"):
                 return (zeroshot_logits(clip, feats[:1], request.text_features) / temperature).softmax(-1)[0]
-        if tier.name == "tda":
+        if tier.stream:
             return self._run_stream(tier.name, feats, episode, request)
         if tier.name == "zero":
             with request.timer.stage("predict"):
@@ -288,6 +311,10 @@ class Auto(Method):
         if self._lookup is None:
             raise BadRequest(f"tier '{name}' needs a serving engine (Engine.method)", code="bad_options")
         stream = self._lookup(name)
+        reason = stream.feature_input_reason(stream.defaults)
+        if reason is not None:  # a cheap tier must not encode views of its own
+            raise BadRequest(f"tier '{name}' runs on the original view only: {reason}; deploy it with n_views=1",
+                             code="bad_options")
         sub = dataclasses.replace(request, options=stream.defaults,
                                   generator=torch.Generator().set_state(episode.generator_state))
         assert episode.original is not None

@@ -15,6 +15,13 @@ Fitting, closed form:
   `pseudo_threshold` join a per-class lowest-entropy queue under their zero-shot label. This is
   not in the paper (it is labelled few-shot only); it is the pseudo-label variant later work uses.
 
+The zero-shot term is `logit_scale` x f T^T with `logit_scale` = 100, the repo's fixed constant
+(`main_few_shots.py`), not the model's learned scale: alpha (its grid and its cross-validation)
+is relative to that term, so a fixed 100 keeps the paper's alphas meaningful for models trained
+with another temperature, as TDA does for its cache terms. For OpenAI CLIP (scale 100) the two are
+identical; `logit_scale=0` uses the model's own. `zeroshot_probs` and the pseudo-label confidence
+stay on the model's own scale (they describe the model, not the ensemble).
+
 Differences from the repo: the paper picks alpha on a validation split; a server has none, so
 by default (`alpha=None`) alpha is chosen from the same grid by 4-fold cross-validation on the
 support set at every refit up to 256 fitted examples, beyond that whenever the fitted set has grown by
@@ -73,6 +80,10 @@ class GDAOptions(MethodOptions):
     pseudo_threshold: float = 0.9
     pseudo_per_class: int = 32
     refit_every: int = 16
+    logit_scale: float = 100.0  # the zero-shot term's scale: the repo's constant; 0 = the model's own
+
+    def scale(self, model_scale: float) -> float:
+        return self.logit_scale if self.logit_scale > 0 else model_scale
 
     def validate(self) -> None:
         check(self.alpha is None or 0.0 <= self.alpha <= 1e4, "alpha must be in [0, 1e4] or null (auto)")
@@ -82,6 +93,7 @@ class GDAOptions(MethodOptions):
         check(0.0 <= self.pseudo_threshold <= 1.0, "pseudo_threshold must be in [0, 1]")
         check(1 <= self.pseudo_per_class <= 10_000, "pseudo_per_class must be in [1, 10000]")
         check(1 <= self.refit_every <= 100_000, "refit_every must be in [1, 100000]")
+        check(0.0 <= self.logit_scale <= 1000.0, "logit_scale must be in [0, 1000] (0: the model's own)")
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int,
@@ -299,7 +311,7 @@ class GDA(StreamStateMixin, Method):
         feats, labels, groups = data
         n_classes = self._text.shape[0]
         fallback = self._text
-        scale = self.clip.logit_scale
+        scale = opts.scale(self.clip.logit_scale)
         previous = self._fit
         expensive = labels.numel() > CV_EVERY_REFIT_MAX if cv_expensive is None else cv_expensive
         if (opts.alpha is None and previous is not None and expensive
@@ -352,7 +364,7 @@ class GDA(StreamStateMixin, Method):
         self._last_text = request.text_features
         self._bind_labels(request.labels.names)
         available = self.host.sync()
-        predicted = int(self._logits(feats[:1], request.text_features)[0].argmax())
+        predicted = int(self._logits(feats[:1], request.text_features, opts)[0].argmax())
         op = self._op("support", opts, feats=feats.detach().float().cpu()[None], labels=[int(label_index)],
                       refit=True, scored=predicted == label_index)
         available = self.host.commit(op) and available
@@ -434,8 +446,8 @@ class GDA(StreamStateMixin, Method):
         if (self._fit is None or stale) and (len(self.support) + len(self.pseudo)) >= 2:
             self.refit(text_features, opts, cv_expensive)
 
-    def _logits(self, feats: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        zs = self.clip.logit_scale * feats @ text_features.t()
+    def _logits(self, feats: torch.Tensor, text_features: torch.Tensor, opts: GDAOptions) -> torch.Tensor:
+        zs = opts.scale(self.clip.logit_scale) * feats @ text_features.t()
         if self._fit is None:
             return zs
         return zs + self._fit["alpha"] * gda_logits(feats, self._fit["weights"], self._fit["bias"])
@@ -460,7 +472,7 @@ class GDA(StreamStateMixin, Method):
                                                       score=float(entropy(zs_logits))))
             else:
                 available = self.host.sync()
-            logits = self._logits(feats, request.text_features)[0]
+            logits = self._logits(feats, request.text_features, opts)[0]
             fitted = self._fit is not None
         extra = {} if fitted else {"fallback": "gda has no support examples yet; zero-shot"}
         return MethodOutput(probs=logits.softmax(-1), zeroshot_probs=zeroshot, image_features=feats[0],

@@ -5,10 +5,16 @@ frozen image encoder, keep the gamma = 0.3 lowest-entropy views, and let each ke
 its argmax class (softmax at temperature -> 0). No backprop, no state.
 
 Ties are broken greedily: walk the remaining (less confident) views from most to least confident
-and take the first whose argmax is among the tied classes; if none is, the tied class with the
-highest logit on the original view wins. The reference walks the remaining views in input
-order (`l[k:]`); entropy order is what its paper describes. The returned probabilities are the
-vote shares (the winner gets the reference's +1 after a tie-break).
+and take the first whose argmax is among the tied classes, as the reference does since
+FarinaMatteo/zero cbd7949 ("bugfix greedy_break": `greedy_break(ties, sorted_l[k:])`, entropy
+order; before it walked them in input order). If no remaining view votes for a tied class, the
+tied class with the highest logit on the original view wins. Deliberate difference there: the
+reference's `break_sample_tie` masks with `logit[~ties]` on *integer* class indices, i.e. bitwise
+NOT (classes -t-1, counted from the end), not the complement of the ties, so it can return a class
+that was not tied at all, and it reads the first remaining view rather than the original one.
+Ours always answers one of the tied classes (the vote's own winners) and lets the one unaugmented
+observation decide. The returned probabilities are the vote shares (the winner gets the
+reference's +1 after a tie-break).
 """
 
 from __future__ import annotations
