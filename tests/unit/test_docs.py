@@ -22,7 +22,7 @@ MKDOCS_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
 EXTERNAL = {
     "apt-get", "base64", "buildah", "cat", "cd", "curl", "docker", "echo", "export", "git", "grep", "helm",
     "jq", "kill", "kubectl", "kustomize", "ls", "mkdir", "mmdebstrap", "nvidia-smi", "prometheus", "promtool",
-    "redis-cli", "redis-server", "sleep", "sudo", "tar", "torchserve",
+    "redis-cli", "redis-server", "sleep", "sudo", "tar", "torchserve", "pip", "unzip", "perf_analyzer",
 }
 EXTERNAL_MODULES = {"pip", "venv"}  # `python3 -m pip install uv`: the system interpreter's pip
 UV_RUN_FLAGS_WITH_VALUE = {"--extra", "--group", "--with"}
