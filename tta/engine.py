@@ -186,8 +186,11 @@ class Engine:
         the answer is zero-shot, flagged ``"fallback": "deadline"``. With a `budget`, a request
         whose estimated cost exceeds it is refused before any work (`BadRequest` over_budget).
         """
+        return self._predict_one(PredictRequest(image, method, options, labels, top_k, seed, deadline))
+
+    def _predict_one(self, request: PredictRequest) -> Prediction:
         start = time.perf_counter()
-        job = self._prepare(PredictRequest(image, method, options, labels, top_k, seed, deadline), start)
+        job = self._prepare(request, start)
         with self._lock:  # one request at a time per worker: methods share prompts and caches
             return self._finish(job)
 
@@ -207,11 +210,8 @@ class Engine:
         evaluation on stored features, clients that embed at the edge); a method that needs the
         pixels, e.g. TPT's augmented views, raises `PixelsRequired` before any state is touched.
         """
-        start = time.perf_counter()
-        request = PredictRequest(None, method, options, labels, top_k, seed, deadline, features=features)
-        job = self._prepare(request, start)
-        with self._lock:
-            return self._finish(job)
+        return self._predict_one(PredictRequest(None, method, options, labels, top_k, seed, deadline,
+                                                features=features))
 
     def predict_batch(self, requests: Sequence[PredictRequest]) -> list[Prediction | Exception]:
         """Answer a batch: one answer (or the exception it raised) per request, in order.
