@@ -22,7 +22,7 @@ MKDOCS_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
 EXTERNAL = {
     "apt-get", "base64", "buildah", "cat", "cd", "curl", "docker", "echo", "export", "git", "grep", "helm",
     "jq", "kill", "kubectl", "kustomize", "ls", "mkdir", "mmdebstrap", "nvidia-smi", "prometheus", "promtool",
-    "redis-cli", "redis-server", "sleep", "sudo", "tar", "torchserve", "pip", "unzip", "perf_analyzer",
+    "redis-cli", "redis-server", "sleep", "sudo", "tar", "torchserve", "pip", "unzip", "perf_analyzer", "exit", "set", "tee",
 }
 EXTERNAL_MODULES = {"pip", "venv"}  # `python3 -m pip install uv`: the system interpreter's pip
 UV_RUN_FLAGS_WITH_VALUE = {"--extra", "--group", "--with"}
@@ -104,7 +104,16 @@ def bash_commands(text: str) -> list[list[str]]:
                 continue
             pending = ""
             words: list[str] = []
+            redirect_target = False
             for token in tokens:
+                if redirect_target:  # the file or fd after > >> < >& &>: not a word of the command
+                    redirect_target = False
+                    continue
+                if token in (">", ">>", "<", ">&", "&>", "&>>", "<&"):
+                    if words and words[-1].isdigit():  # the fd before it (2>&1)
+                        words.pop()
+                    redirect_target = True
+                    continue
                 if token and set(token) <= set("();<>|&"):
                     while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
                         words.pop(0)
