@@ -24,7 +24,7 @@ monitoring:  ## regenerate Prometheus rules, PrometheusRule and Grafana dashboar
 
 drift-dashboard:  ## live TorchServe + Prometheus run; draws docs/img/drift-dashboard.png from its data
 	mkdir -p docs/img
-	TTA_DRIFT_PICTURE=$(CURDIR)/docs/img/drift-dashboard.png .venv/bin/pytest -q tests/integration/test_monitoring_live.py
+	TTA_DRIFT_PICTURE=$(CURDIR)/docs/img/drift-dashboard.png .venv/bin/pytest -q -m extended tests/integration/test_monitoring_live.py
 
 soak:  ## bounded mixed load (3,000 requests, hostile inputs included) on 127.0.0.1; writes bench/results/soak.json
 	.venv/bin/python -m bench.soak --requests $(or $(REQUESTS),3000) --concurrency $(or $(CONCURRENCY),8) --max-seconds $(or $(SECONDS_MAX),900)

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import LABELS
 from tests.integration.torchserve import TorchServe, build_archive
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.extended]  # .ci/run: after the README command
 
 MODEL = "heavytest"
 HEAVY_DEFAULTS = {

@@ -36,7 +36,7 @@ from monitoring import plot, rules
 from tests.integration.torchserve import TorchServe, build_archive
 from tests.prometheus import Prometheus, binary
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.extended]  # .ci/run: after the README command
 
 MODEL = "digits"
 REFERENCE, WINDOW = 128, 128
