@@ -96,7 +96,11 @@ def test_metrics_count_the_requests_sent(server: TorchServe, photos: dict[str, b
     assert total(ts_after, "Requests2XX_total") - total(ts_before, "Requests2XX_total") >= len(ok)
 
 
-def test_every_handler_metric_is_exported_with_help(server: TorchServe) -> None:
+def test_every_handler_metric_is_exported_with_help(server: TorchServe, photos: dict[str, bytes]) -> None:
+    # a labelled family is written only once a request has produced a sample of it: send one here
+    # rather than rely on another test having run first (the CI portability job shuffles the order)
+    body = {"image": base64.b64encode(photos["coffee"]).decode(), "method": "zero", "options": {"n_views": 8}}
+    assert requests.post(server.predict_url, json=body, headers=server.auth, timeout=60).status_code == 200
     names = families(f"http://127.0.0.1:{server.tta_metrics_port}/metrics")
     assert set(HANDLER_METRICS) <= names
     assert "ts_inference_requests" in families(f"http://127.0.0.1:{server.metrics_port}/metrics") | {
