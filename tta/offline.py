@@ -44,8 +44,6 @@ LOGIT_SCALE = 100.0  # OpenAI CLIP's learnt logit scale (exp(4.6052)), the one t
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 ECE_BINS = 15
 VAL_ORDER_SEED = 0  # the validation stream's order; test orders use seeds 1..orders
-# options a method needs before it can run on embeddings at all (auto: its single-view tiers)
-FEATURE_OPTIONS: dict[str, dict[str, Any]] = {"auto": {"tiers": "zeroshot,tda"}}
 
 PROTOCOL = ("one pass over the test stream, batch 1, seeded random orders 1..R; a fresh engine per pass; "
             "labelled-feedback methods get the 16-shot cache through Engine.feedback_many first; "
@@ -278,6 +276,20 @@ def run_stream(deployment: Deployment, method: str, method_defaults: Mapping[str
     return StreamRun(method, seed, pred, zs, conf, ms, escalated if seen_gate else None, feedback_ms, probs)
 
 
+def feature_options(method: str) -> dict[str, Any]:
+    """The options `method` runs under on embeddings (its class's `feature_options`, e.g. one view)."""
+    from tta.methods.base import get_method_class
+
+    return dict(get_method_class(method).feature_options)
+
+
+def feature_note(method: str) -> str:
+    """What running `method` on embeddings leaves out ("" when nothing)."""
+    from tta.methods.base import get_method_class
+
+    return get_method_class(method).feature_options_note
+
+
 def feature_reason(method: str, options: Mapping[str, Any] | None = None) -> str | None:
     """Why `method` (with `options` over its defaults) cannot run on embeddings; None = it can."""
     from tta.methods.base import get_method_class
@@ -362,7 +374,7 @@ def runnable_methods(methods: Iterable[str] | None, overrides: Mapping[str, Mapp
     names = list(methods) if methods is not None else list_methods()
     run, skipped = [], {}
     for name in names:
-        reason = feature_reason(name, {**FEATURE_OPTIONS.get(name, {}), **overrides.get(name, {})})
+        reason = feature_reason(name, {**feature_options(name), **overrides.get(name, {})})
         if reason is None:
             run.append(name)
         else:
@@ -385,7 +397,7 @@ def evaluate_bundle(bundle: Bundle, methods: Iterable[str] | None = None, orders
     bar = _bar(total, f"{bundle.name}", progress)
     try:
         for method in run:
-            base = {**FEATURE_OPTIONS.get(method, {}), **overrides.get(method, {})}
+            base = {**feature_options(method), **overrides.get(method, {})}
             report = MethodReport(method, base)
             if tune:
                 report.options, report.val = choose_on_val(deployment, method, base, chosen, tick=bar.update)
@@ -405,6 +417,7 @@ def evaluate_bundle(bundle: Bundle, methods: Iterable[str] | None = None, orders
         "n_shots": len(bundle.shots), "zeroshot_top1": float(zeroshot_correct.mean()),
         "results": [r.summary(labels, zeroshot_correct) for r in reports],
         "skipped": skipped, "chosen": chosen,
+        "notes": {m: feature_note(m) for m in run if feature_note(m)},
     }
 
 
@@ -451,7 +464,7 @@ def calibrate_bundle(bundle: Bundle, thresholds: Sequence[float] = (0.3, 0.5, 0.
         sweep = []
         for t in (None, temperature):
             for threshold in thresholds:
-                options = {**FEATURE_OPTIONS["auto"], "threshold": threshold, "temperature": t}
+                options = {**feature_options("auto"), "threshold": threshold, "temperature": t}
                 defaults = {"auto": options, **({"tda": dict(tda_options)} if tda_options else {})}
                 r = run_stream(deployment, "auto", defaults, bundle.test, seed, tick=bar.update)
                 ok = r.correct(labels)
@@ -490,6 +503,8 @@ def format_results(report: Mapping[str, Any]) -> str:
         lines.append(f"{r['method']:<10} {100 * r['top1']:>7.2f} {100 * r['top1_sd']:>5.2f} {100 * r['gain']:>+7.2f} "
                      f"[{100 * r['gain_low']:>+6.2f}, {100 * r['gain_high']:>+6.2f}] {100 * r['ece']:>6.2f} "
                      f"{100 * r['changed']:>7.2f}% {r['ms_per_sample']:>7.2f}  {chosen}")
+    for method, note in report.get("notes", {}).items():
+        lines.append(f"{method:<10} note: {note}")
     for method, reason in report.get("skipped", {}).items():
         lines.append(f"{method:<10} skipped: {reason}")
     return "\n".join(lines)

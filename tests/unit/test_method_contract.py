@@ -106,3 +106,16 @@ def test_unknown_and_bad_options_are_client_errors(tiny_clip, sample_images, nam
     if "n_views" in fields:
         with pytest.raises(BadRequest):
             engine.predict(sample_images["chelsea"], options={"n_views": "many"})
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if get_method_class(n).feature_options])
+def test_feature_options_let_a_pixel_method_answer_from_an_embedding(name):
+    """`feature_options` are the options an embedding-only evaluation runs under: the defaults need
+    pixels, the options do not, and the class says what running that way leaves out."""
+    from tta import offline
+
+    cls = get_method_class(name)
+    assert cls.feature_options_note, f"{name}: feature_options without a note of what they omit"
+    assert offline.feature_reason(name) is not None, f"{name}: its defaults already run on embeddings"
+    assert offline.feature_reason(name, cls.feature_options) is None
+    cls.Options.from_dict(dict(cls.feature_options)).validate()

@@ -467,7 +467,7 @@ def run_features(args: argparse.Namespace) -> int:
                                                progress=not args.no_progress)
                 calibrations.append(cal)
                 print(offline.format_calibration(cal))
-                defaults = json.dumps({"auto": {**offline.FEATURE_OPTIONS["auto"], "temperature": round(cal["temperature"], 4)}})
+                defaults = json.dumps({"auto": {**offline.feature_options("auto"), "temperature": round(cal["temperature"], 4)}})
                 print(f"  deploy it with: tta archive ... --method-defaults '{defaults}' "
                       f"--drift-temperature {cal['temperature']:.4f}\n")
     except TTAError as exc:

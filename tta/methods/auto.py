@@ -240,6 +240,8 @@ class Auto(Method):
     batch_encoding = "original"
     manages_own_deadline = True  # stops escalating at the deadline and says so ("stopped_by")
     val_grid = {"threshold": (0.6, 0.4, 0.8, 0.95)}  # the default first (it wins ties)
+    feature_options = {"tiers": "zeroshot,tda"}
+    feature_options_note = "tiers zeroshot,tda only: the ZERO and TPT tiers encode views of the pixels"
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)

@@ -164,6 +164,11 @@ class Method(ABC):
     # Hyper-parameter candidates an offline evaluation may choose from on a validation split
     # (`tta eval --features ... --tune`), option name -> values; never chosen on test.
     val_grid: ClassVar[Mapping[str, Sequence[Any]]] = {}
+    # Options over the defaults under which a method whose defaults need pixels can answer from the
+    # original view's embedding (`tta eval --features`), and what running that way leaves out; an
+    # evaluation on embeddings uses them and prints the note beside its figures.
+    feature_options: ClassVar[Mapping[str, Any]] = {}
+    feature_options_note: ClassVar[str] = ""
 
     def __init__(self, clip: ClipModel, defaults: MethodOptions | None = None) -> None:
         self.clip = clip

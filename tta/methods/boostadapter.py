@@ -141,6 +141,10 @@ class BoostAdapter(StreamStateMixin, Method):
     batch_encoding = "views"
     state_version = 1
     val_grid: ClassVar[Mapping[str, tuple[Any, ...]]] = {"pos_alpha": (1.0, 2.0, 5.0), "pos_beta": (3.0, 5.0, 8.0)}
+    feature_options: ClassVar[Mapping[str, Any]] = {"n_views": 1}
+    feature_options_note: ClassVar[str] = (
+        "one view: no boosting views (int(1 x 0.1) = 0), so this is TDA's caches with a FIFO negative cache; "
+        "the per-image boosting cache, BoostAdapter's own part, is not measured")
 
     def __init__(self, clip, defaults=None) -> None:  # noqa: ANN001 (signature of Method)
         super().__init__(clip, defaults)
