@@ -1,10 +1,11 @@
-"""Our dpe / boostadapter / dota against the authors' own code, on identical features and views.
+"""Our dpe / boostadapter / dota / oga against the authors' own code, on identical features and views.
 
     uv run --frozen --with info-nce-pytorch python -m bench.check_originals \\
-        --dpe-repo /tmp/orig/DPE-CLIP --boost-repo /tmp/orig/BoostAdapter --dota-repo /tmp/orig/DOTA
+        --dpe-repo /tmp/orig/DPE-CLIP --boost-repo /tmp/orig/BoostAdapter --dota-repo /tmp/orig/DOTA \\
+        --oga-repo /tmp/orig/OGA
 
 Each `--*-repo` is a snapshot of the public repository (zhangce01/DPE-CLIP, taolinzhang/BoostAdapter,
-skylineeeeen/DOTA); nothing of it is copied here: its module is imported from that path and its
+skylineeeeen/DOTA, cfuchs2023/OGA); nothing of it is copied here: its module is imported from that path and its
 own test loop (`run_test_dpe`, `run_test_tda(mode="boostadapter")`, `run_test_dota`) runs over a
 loader of precomputed features, with a stand-in CLIP whose `encode_image` returns them. Its
 `cls_acc` is replaced by a recorder of the final logits it is called with. Our method runs
@@ -184,11 +185,40 @@ def check_dpe(repo: Path, bundle: Bundle, samples: list[torch.Tensor], labels: t
     return compare(f"dpe infer_on_views={infer_on_views} views={options['n_views']}", recorded, ours, labels)
 
 
+def check_oga(repo: Path, bundle: Bundle, samples: list[torch.Tensor], labels: torch.Tensor,
+              estimator: str = "ridge_moore_penrose") -> dict[str, Any]:
+    """OGA's repo has no per-sample test loop to call (its `runner.py` needs datasets and a CLIP), so
+    its `GaussAdapt` is driven here exactly as `runner.py` drives it, with batches of one: zero-shot
+    logits 100 f T^T in float64, entropy with 1e-9, `update_memory`, then `get_log_probs` and
+    `get_MAP(tau, simplex_p=True)`. Its float16 memory buffers are cast to float32 (the CUDA setting
+    of the repo, as `.half()` is for the other repos)."""
+    repo_names = {"ridge_moore_penrose": "RidgeMoorePenrose", "ridge": "Ridge", "moore_penrose": "MoorePenrose"}
+    tau, capacity = 0.05, 8  # the repo's main.py defaults
+    recorded: list[torch.Tensor] = []
+    text = bundle.text.float()
+    with original_code(repo):
+        module = importlib.import_module("OGA.OGA_core")
+        model = module.GaussAdapt(text.clone(), shot_capacity=capacity, sig_type=repo_names[estimator])
+        for name in ("memory", "memory_entropy", "memory_soft_labels"):
+            getattr(model, name).data = getattr(model, name).data.float()
+        for views in samples:
+            x = views[:1].float()
+            zs_logits = 100.0 * (x @ text.t()).double()
+            zs_probs = zs_logits.softmax(-1)
+            zs_entropy = -torch.sum(torch.log(zs_probs + 1e-9) * zs_probs, dim=-1)
+            model.update_memory(x, zs_logits, zs_probs, zs_entropy, zs_logits.argmax(-1), tau=tau, normalize_mu=False)
+            z, _ = model.get_MAP(zs_probs, model.get_log_probs(x), tau=tau, simplex_p=True)
+            recorded.append(z.reshape(-1).float().clamp_min(1e-30).log())  # as `run_ours` takes the log
+    ours = run_ours("oga", {"tau": tau, "shot_capacity": capacity, "estimator": estimator}, samples, bundle.text)
+    return compare(f"oga estimator={estimator}", recorded, ours, labels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dpe-repo", type=Path)
     parser.add_argument("--boost-repo", type=Path)
     parser.add_argument("--dota-repo", type=Path)
+    parser.add_argument("--oga-repo", type=Path)
     parser.add_argument("--bundle", default="dtd")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--views", type=int, default=64, help="synthetic views per image where a method uses views")
@@ -220,9 +250,12 @@ def main() -> None:
         rows.append(check_dpe(args.dpe_repo, bundle, single, labels, infer_on_views=False))
         rows.append(check_dpe(args.dpe_repo, bundle, views, labels, infer_on_views=False))
         rows.append(check_dpe(args.dpe_repo, bundle, views, labels, infer_on_views=True))
+    if args.oga_repo:
+        for estimator in ("ridge_moore_penrose", "ridge", "moore_penrose"):
+            rows.append(check_oga(args.oga_repo, bundle, single, labels, estimator))
     meta = {"bundle": args.bundle, "samples": args.samples, "views": args.views, "noise": args.noise, "seed": args.seed,
             "repos": {k: str(v) for k, v in (("dpe", args.dpe_repo), ("boostadapter", args.boost_repo),
-                                              ("dota", args.dota_repo)) if v}, "torch": torch.__version__}
+                                              ("dota", args.dota_repo), ("oga", args.oga_repo)) if v}, "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

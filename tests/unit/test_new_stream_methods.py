@@ -186,7 +186,7 @@ def test_dpe_one_step_moves_the_answer_and_confident_answers_evolve_the_prototyp
 
 
 # --- feature input (Engine.predict_features) ---------------------------------------------------
-@pytest.mark.parametrize("method", ["dota", "dpe", "boostadapter"])
+@pytest.mark.parametrize("method", ["dota", "dpe", "boostadapter", "oga"])
 def test_embeddings_answer_as_images_do_with_one_view(tiny_clip, method: str) -> None:
     """One view: the same answers and state from the original view's embedding as from the image;
     with views, dpe / boostadapter refuse an embedding before any state changes."""
@@ -196,14 +196,14 @@ def test_embeddings_answer_as_images_do_with_one_view(tiny_clip, method: str) ->
     from tta.text import LabelSet
 
     labels = LabelSet.create(["cat", "dog", "car", "cup"])
-    defaults = {method: {"n_views": 1}}
+    defaults = {method: {"n_views": 1}} if method != "oga" else {}
     by_image, by_embedding = Engine(tiny_clip, labels, method_defaults=defaults), Engine(tiny_clip, labels, method_defaults=defaults)
     for image in _images(8):
         a = by_image.predict(image, method=method)
         b = by_embedding.predict_features(_embedding(tiny_clip, image), method=method)
         torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=0)
     _assert_same_state(by_image.export_state(method), by_embedding.export_state(method))
-    if method != "dota":
+    if method not in ("dota", "oga"):
         before = by_embedding.export_state(method)
         with pytest.raises(PixelsRequired):
             by_embedding.predict_features(_embedding(tiny_clip, _images(1)[0]), method=method, options={"n_views": 8})
@@ -222,7 +222,8 @@ def test_dota_discriminant_equals_the_inverse_form():
 
 
 # --- auto's stream tier ------------------------------------------------------------------------
-@pytest.mark.parametrize("method, defaults", [("dota", {}), ("dpe", {"n_views": 1}), ("boostadapter", {"n_views": 1})])
+@pytest.mark.parametrize("method, defaults", [("dota", {}), ("dpe", {"n_views": 1}), ("boostadapter", {"n_views": 1}),
+                                              ("oga", {})])
 def test_auto_stream_tier_is_the_deployments_method(tiny_clip, sample_images, method: str, defaults: dict) -> None:
     """At gate 0 auto answers what the stream method answers, and updates the same state."""
     from tests.unit.test_feature_input import _assert_same_state

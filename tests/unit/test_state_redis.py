@@ -218,13 +218,14 @@ def test_engines_on_one_log_hold_identical_state_equal_to_a_single_engine(tiny_c
     assert a.state_summary("gda")["feedback_total"] == 6
 
 
-NEW_STREAM = {"dota": {"covariance": "per_class"}, "dpe": {"n_views": 4, "evolve_entropy": 1.0}, "boostadapter": {"n_views": 16}}
+NEW_STREAM = {"dota": {"covariance": "per_class"}, "dpe": {"n_views": 4, "evolve_entropy": 1.0}, "boostadapter": {"n_views": 16},
+              "oga": {"shot_capacity": 2}}
 
 
 @pytest.mark.parametrize("method", sorted(NEW_STREAM))
 def test_new_stream_methods_on_one_log_hold_identical_state(tiny_clip, server: RedisServer,
                                                             redis_config: StateConfig, method: str) -> None:
-    """dota / dpe / boostadapter: two engines alternating on one log end equal, and equal to a
+    """dota / dpe / boostadapter / oga: two engines alternating on one log end equal, and equal to a
     third engine that only replays that log (the operations carry everything the state needs)."""
     from tests.unit.test_tda import _same_state
     from tta.engine import Engine

@@ -31,7 +31,7 @@ from tta.state.ops import decode, encode
 from tta.text import LabelSet
 
 LABELS = ["cat", "dog", "car", "rocket", "cup", "tree"]
-OWNERS = ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter", "drift")
+OWNERS = ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter", "oga", "drift")
 DEFAULTS = {
     "tda": {"neg_entropy": [0.0, 1.0]},  # every sample enters the negative cache too (both caches non-empty)
     "tfup": {"min_buffer": 4, "rebuild_every": 2, "min_shots": 1, "max_shots": 2},
@@ -41,6 +41,7 @@ DEFAULTS = {
     "dota": {},
     "dpe": {"n_views": 1, "evolve_entropy": 1.0},  # every answer evolves the text prototypes (non-empty)
     "boostadapter": {"n_views": 1, "neg_entropy": [0.0, 1.0]},
+    "oga": {},
 }
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -67,7 +68,7 @@ def engine(tiny_clip) -> Iterator[Engine]:
                      drift=DriftConfig(reference_size=4, window=2))
         gen = torch.Generator().manual_seed(0)
         images = [torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=gen) for _ in range(8)]
-        for method in ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter"):
+        for method in ("tda", "tfup", "tfup-t", "gda", "dota", "dpe", "boostadapter", "oga"):
             for image in images:
                 eng.predict(image, method=method)
         for i, image in enumerate(images[:4]):
@@ -294,6 +295,8 @@ def _real_op(engine: Engine, owner: str) -> dict:
         return impl._op("support", impl.defaults, feats=feature[None, None], labels=[1], refit=True, scored=True)
     if owner == "dota":
         return impl.update_op(feature[None], probs[None])
+    if owner == "oga":
+        return impl.update_op(feature, probs)
     if owner == "dpe":
         return {"kind": "cache", "cls": 1, "score": 0.3, "feature": feature}
     if owner == "boostadapter":
