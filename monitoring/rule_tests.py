@@ -200,12 +200,13 @@ def _minutes(duration: str) -> int:
 
 
 def _window_minutes(alert_name: str) -> int:
-    """The widest range selector ([5m], [15m]) an alert reads through its recording rule(s); 0 for gauges."""
+    """The widest range selector ([5m], [6h]) an alert reads, in its own expression or through its
+    recording rule(s); 0 for gauges."""
     from monitoring.rules import RECORDING
 
     expr = A[alert_name].expr
-    ranges = [_minutes(r) for name, rule in RECORDING.items() if name in expr
-              for r in re.findall(r"\[(\d+m)\]", rule)]
+    sources = [expr, *(rule for name, rule in RECORDING.items() if name in expr)]
+    ranges = [_minutes(r) for source in sources for r in re.findall(r"\[(\d+[mh])\]", source)]
     return max(ranges, default=0)
 
 

@@ -507,11 +507,29 @@ REGIONS: dict[str, Callable[[], str]] = {
 }
 
 
+def check_originals_table(method: str) -> str:
+    """`bench/check_originals.py`'s rows for one method, from bench/results/check_originals.json."""
+    results = _results("check_originals.json")
+    rows = [r for r in results["rows"] if r["check"].split()[0] == method]
+    if not rows:
+        raise KeyError(f"bench/results/check_originals.json has no rows for {method!r}: run bench/check_originals.py")
+    meta = results["meta"]
+    out = [f"Bundle `{meta['bundle']}`, {meta['samples']} test images (order seed {meta['seed']}), torch {meta['torch']}.",
+           "", "| check | same top-1 | largest log-prob difference | accuracy original / ours |", "|---|---|---|---|"]
+    for r in rows:
+        setting = r["check"].split(" ", 1)[1] if " " in r["check"] else "default"
+        out.append(f"| `{setting}` | {r['same_top1']} of {r['samples']} | {r['max_logprob_diff']:.1e} | "
+                   f"{r['original_acc']:.2f} / {r['ours_acc']:.2f} |")
+    return "\n".join(out)
+
+
 def region(name: str) -> str:
     if name.startswith("options:"):
         return options_table(name.split(":", 1)[1])
+    if name.startswith("check-originals:"):
+        return check_originals_table(name.split(":", 1)[1])
     if name not in REGIONS:
-        raise KeyError(f"unknown generated region {name!r}; known: options:<method>, {', '.join(REGIONS)}")
+        raise KeyError(f"unknown generated region {name!r}; known: options:<method>, check-originals:<method>, {', '.join(REGIONS)}")
     return REGIONS[name]()
 
 
