@@ -2,7 +2,8 @@
 # Reproduce bench/results/latest.json and the table on docs/performance.md with one command.
 #   bash bench/run.sh                 # full plan: 10/100/300/1000 classes x 16/64 views (hours on 2 cores)
 #   bash bench/run.sh --quick         # smoke run in seconds (tiny-random)
-# The committed table was made with the reduced plan in bench/README.md (RUN_ARGS below).
+#   bash bench/run.sh --committed     # the reduced plan the committed table was made with (the flags
+#                                     # below; docs/performance.md says what it leaves out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
