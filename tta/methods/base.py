@@ -199,6 +199,25 @@ class Method(ABC):
                               generator=generator, device=clip.device)
         return None
 
+    def encode_views(self, request: MethodInput, opts: MethodOptions) -> torch.Tensor:
+        """Features [N, d] of a "views" method's first views (`make_views` with the options' n_views
+        and augmix; the original view alone when n_views == 1), under the augment and encode
+        stages. The request's generator advances, so `batch_views` (a copy) saw the same views."""
+        from tta.features import encode_images, original_view
+        from tta.views import ViewSpec, make_views
+
+        clip = self.clip
+        n_views = int(getattr(opts, "n_views", 1))
+        with request.timer.stage("augment"):
+            if n_views > 1:
+                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
+                                   ViewSpec(n_views=n_views, augmix=bool(getattr(opts, "augmix", False))),
+                                   generator=request.generator, device=clip.device)
+            else:
+                views = original_view(clip, request.image)
+        with request.timer.stage("encode"):
+            return encode_images(clip, views)
+
     def feature_input_reason(self, options: MethodOptions) -> str | None:
         """Why this method cannot answer from the original view's embedding alone (None: it can).
 

@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tda import (
     PROB_TOLERANCE,
@@ -50,7 +49,6 @@ from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
 from tta.state.queues import Entry
 from tta.state.schema import Bool, Float, Int, Maybe, Record, Tensor, class_index, unit_rows
-from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -220,18 +218,6 @@ class BoostAdapter(StreamStateMixin, Method):
             self.updates += 1
 
     # --- compute --------------------------------------------------------------------------
-    def _encode(self, request: MethodInput, opts: BoostAdapterOptions) -> torch.Tensor:
-        clip = self.clip
-        with request.timer.stage("augment"):
-            if opts.n_views > 1:
-                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
-                                   ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
-                                   generator=request.generator, device=clip.device)
-            else:
-                views = original_view(clip, request.image)
-        with request.timer.stage("encode"):
-            return encode_images(clip, views)
-
     @staticmethod
     def history_entry(feats: torch.Tensor, logits: torch.Tensor, opts: BoostAdapterOptions
                       ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
@@ -266,7 +252,7 @@ class BoostAdapter(StreamStateMixin, Method):
 
     def predict(self, request: MethodInput) -> MethodOutput:
         opts: BoostAdapterOptions = request.options  # type: ignore[assignment]
-        feats = self._encode(request, opts)
+        feats = self.encode_views(request, opts)
         logits = opts.scale(self.clip.logit_scale) * feats @ request.text_features.t()
         zeroshot = (self.clip.logit_scale * feats[0] @ request.text_features.t()).softmax(-1)
         feature, clip_logits, loss, probs = self.history_entry(feats, logits, opts)

@@ -43,12 +43,10 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from tta.errors import BadRequest
-from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import select_confident
 from tta.state import StreamStateMixin
 from tta.state.schema import Int, Maybe, Record, Str, Tensor, unit_rows
-from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -261,23 +259,12 @@ class DOTA(StreamStateMixin, Method):
         return clip_logits + fusion_weight(self.counts, n_fitted, opts.rho, opts.eta) * scores
 
     # --- compute --------------------------------------------------------------------------
-    def _views(self, request: MethodInput, opts: DOTAOptions) -> torch.Tensor:
-        clip = self.clip
-        with request.timer.stage("augment"):
-            if opts.n_views > 1:
-                return make_views(request.image, clip.image_size, clip.mean, clip.std,
-                                  ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
-                                  generator=request.generator, device=clip.device)
-            return original_view(clip, request.image)
-
     def predict(self, request: MethodInput) -> MethodOutput:
         opts: DOTAOptions = request.options  # type: ignore[assignment]
         if opts.covariance != self.defaults.covariance:  # type: ignore[attr-defined]
             raise BadRequest("dota's covariance is the deployment's (it shapes the state); a request cannot change it",
                              code="bad_options")
-        views = self._views(request, opts)
-        with request.timer.stage("encode"):
-            feats = encode_images(self.clip, views)
+        feats = self.encode_views(request, opts)
         text = request.text_features
         logits = opts.scale(self.clip.logit_scale) * feats @ text.t()
         zeroshot = (self.clip.logit_scale * feats[0] @ text.t()).softmax(-1)

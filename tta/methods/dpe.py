@@ -46,13 +46,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.methods.tda import cache_logits, normalized_entropy
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
 from tta.state.schema import Float, Int, Maybe, Record, class_index, unit_rows
-from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -206,18 +204,6 @@ class DPE(StreamStateMixin, Method):
             raise ValueError(f"dpe has no operation {op['kind']!r}")
 
     # --- compute --------------------------------------------------------------------------
-    def _encode(self, request: MethodInput, opts: DPEOptions) -> torch.Tensor:
-        clip = self.clip
-        with request.timer.stage("augment"):
-            if opts.n_views > 1:
-                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
-                                   ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
-                                   generator=request.generator, device=clip.device)
-            else:
-                views = original_view(clip, request.image)
-        with request.timer.stage("encode"):
-            return encode_images(clip, views)
-
     def base_text(self, request_text: torch.Tensor) -> torch.Tensor:
         """The textual prototypes a request starts from (evolved, or the zero-shot classifier)."""
         return request_text if self.text is None else self.text.to(request_text.device)
@@ -278,7 +264,7 @@ class DPE(StreamStateMixin, Method):
 
     def predict(self, request: MethodInput) -> MethodOutput:
         opts: DPEOptions = request.options  # type: ignore[assignment]
-        feats = self._encode(request, opts)
+        feats = self.encode_views(request, opts)
         scale = opts.scale(self.clip.logit_scale)
         zeroshot = (self.clip.logit_scale * feats[0] @ request.text_features.t()).softmax(-1)
         if not request.is_default_labels:

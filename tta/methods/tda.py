@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 
-from tta.features import encode_images, original_view
 from tta.methods.base import Method, MethodInput, MethodOptions, MethodOutput, check, register
 from tta.scoring import entropy, marginal_entropy, select_confident
 from tta.state import ClassQueues, StreamStateMixin
 from tta.state.schema import Bool, Float, Int, Maybe, Record, Tensor, class_index, unit_rows
-from tta.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +154,7 @@ class TDA(StreamStateMixin, Method):
                   ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
         """(feature [d], logits [C], entropy loss, prob map [C], original-view zero-shot logits [C])."""
         clip = self.clip
-        with request.timer.stage("augment"):
-            if opts.n_views > 1:
-                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
-                                   ViewSpec(n_views=opts.n_views, augmix=opts.augmix),
-                                   generator=request.generator, device=clip.device)
-            else:
-                views = original_view(clip, request.image)
-        with request.timer.stage("encode"):
-            feats = encode_images(clip, views)
+        feats = self.encode_views(request, opts)
         logits = opts.scale(clip.logit_scale) * feats @ request.text_features.t()
         original = clip.logit_scale * feats[0] @ request.text_features.t()
         if feats.shape[0] == 1:
