@@ -493,6 +493,68 @@ PAGES: dict[str, Callable[[], str]] = {
     "reference/errors.md": page_errors,
     "reference/metrics.md": page_metrics,
 }
+DATASET_TITLES = {"caltech101": "Caltech101", "dtd": "DTD", "oxford_flowers": "Flowers102", "oxford_pets": "Oxford Pets"}
+METHOD_TITLES = {"gda": "gda (16 labelled shots)", "auto": "auto (zeroshot,tda)", "dpe": "dpe (1 view)",
+                 "boostadapter": "boostadapter (1 view)"}
+
+
+def _gain_cell(r: dict[str, Any]) -> str:
+    gain = f"{100 * r['gain']:+.2f}"
+    if r["method"] == "zeroshot":
+        return f"{100 * r['top1']:.2f}"
+    if r["gain_low"] == r["gain_high"]:
+        return f"{100 * r['top1']:.2f} ({gain})"
+    return f"{100 * r['top1']:.2f} ({gain} [{100 * r['gain_low']:+.2f}, {100 * r['gain_high']:+.2f}])"
+
+
+def region_evidence_table() -> str:
+    """`bench.evidence`'s main table: top-1 (gain [95 % paired CI]) per dataset, the average, ECE,
+    answers changed and cost, one row per method measured."""
+    data = _results("evidence.json")
+    sets = data["datasets"]
+    head = ["method", *(DATASET_TITLES.get(d["dataset"], d["dataset"]) for d in sets), "average", "ECE % (avg)",
+            "answers changed", "ms/req"]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for avg in data["average"]:
+        method = avg["method"]
+        cells = [_gain_cell(next(r for r in d["results"] if r["method"] == method)) for d in sets]
+        out.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + f" | {_gain_cell(avg)} | "
+                   f"{100 * avg['ece']:.2f} | {100 * avg['changed']:.1f} % | {avg['ms_per_sample']:.1f} |")
+    return "\n".join(out)
+
+
+def region_evidence_chosen() -> str:
+    """What each method's val choice was, per dataset (nothing is chosen on test): the options of
+    its `val_grid`; a method without one has nothing to choose."""
+    from tta.methods.base import get_method_class
+
+    data = _results("evidence.json")
+    out = ["| method | " + " | ".join(DATASET_TITLES.get(d["dataset"], d["dataset"]) for d in data["datasets"]) + " |",
+           "|---|" + "---|" * len(data["datasets"])]
+    for avg in data["average"]:
+        method = avg["method"]
+        cells = []
+        for d in data["datasets"]:
+            r = next(r for r in d["results"] if r["method"] == method)
+            grid = get_method_class(method).val_grid
+            cells.append(", ".join(f"{k}={v}" for k, v in r["options"].items() if k in grid) or "nothing to choose")
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def region_evidence_published() -> str:
+    """Our gain next to the published one, for the methods with published figures on these sets."""
+    data = _results("evidence.json")
+    out = ["| dataset | method | our gain [95 % CI] | published gain | our zero-shot | their zero-shot |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(data["comparison"], key=lambda r: (r["method"] != "tda", r["method"])):
+        published = data["published"][r["method"]]["method"][r["dataset"]]
+        out.append(f"| {DATASET_TITLES.get(r['dataset'], r['dataset'])} | {r['method']} | {100 * r['ours']:+.2f} "
+                   f"[{100 * r['ours_low']:+.2f}, {100 * r['ours_high']:+.2f}] | {100 * r['published']:+.2f} "
+                   f"({published:.2f}) | {100 * r['ours_zeroshot']:.2f} | {100 * r['published_zeroshot']:.2f} |")
+    return "\n".join(out)
+
+
 REGIONS: dict[str, Callable[[], str]] = {
     "alerts": region_alerts,
     "runbooks": region_runbooks,
@@ -504,6 +566,9 @@ REGIONS: dict[str, Callable[[], str]] = {
     "bench:heavy": region_bench_heavy,
     "bench:auto": region_bench_auto,
     "soak": region_soak,
+    "evidence:table": region_evidence_table,
+    "evidence:chosen": region_evidence_chosen,
+    "evidence:published": region_evidence_published,
 }
 
 

@@ -225,3 +225,21 @@ def test_eval_features_cli_runs_the_protocol_and_lists_skipped_methods(tmp_path,
     assert rows["gda"]["val_candidates"] == len(offline.grid_candidates("gda"))
     assert body["calibration"][0]["temperature"] > 0
     assert main(["eval", "--features", str(tmp_path / "absent.npz"), "--no-progress"]) == 2
+
+
+def test_eval_features_runs_pixel_methods_under_their_feature_options_and_says_what_is_left_out(tmp_path, capsys) -> None:
+    """dpe's defaults encode 64 views; on embeddings it runs with its class's `feature_options`
+    (one view), and the report carries the class's note of what that omits."""
+    from tta.cli import main
+    from tta.methods.base import get_method_class
+
+    path = tmp_path / "toy_vitb16.npz"
+    _bundle(path)
+    out = tmp_path / "out.json"
+    assert main(["eval", "--features", str(path), "--methods", "zeroshot,dpe", "--orders", "1", "--no-tune",
+                 "--json", str(out), "--no-progress"]) == 0
+    (report,) = json.loads(out.read_text())["datasets"]
+    (dpe,) = [r for r in report["results"] if r["method"] == "dpe"]
+    assert dpe["options"]["n_views"] == 1 and not report["skipped"]
+    assert report["notes"] == {"dpe": get_method_class("dpe").feature_options_note}
+    assert "dpe        note: one view" in capsys.readouterr().out
