@@ -523,6 +523,21 @@ def region_evidence_table() -> str:
     return "\n".join(out)
 
 
+def region_evidence_summary() -> str:
+    """The README's short form: per method the average over the bundles (gain [95 % CI], ECE, cost)."""
+    data = _results("evidence.json")
+    names = ", ".join(DATASET_TITLES.get(d["dataset"], d["dataset"]) for d in data["datasets"])
+    orders = data["datasets"][0]["results"][0]["orders"]
+    out = [f"Average over {len(data['datasets'])} test sets ({names}), {orders} seeded stream orders each:", "",
+           "| method | top-1 % | gain, points [95 % CI] | ECE % | ms/request |", "|---|---:|---:|---:|---:|"]
+    for avg in sorted(data["average"], key=lambda a: (a["method"] != "zeroshot", a["method"] != "gda", -a["gain"])):
+        gain = "-" if avg["method"] == "zeroshot" else \
+            f"{100 * avg['gain']:+.2f} [{100 * avg['gain_low']:+.2f}, {100 * avg['gain_high']:+.2f}]"
+        out.append(f"| {METHOD_TITLES.get(avg['method'], avg['method'])} | {100 * avg['top1']:.2f} | {gain} | "
+                   f"{100 * avg['ece']:.2f} | {avg['ms_per_sample']:.1f} |")
+    return "\n".join(out)
+
+
 def region_evidence_chosen() -> str:
     """What each method's val choice was, per dataset (nothing is chosen on test): the options of
     its `val_grid`; a method without one has nothing to choose."""
@@ -568,6 +583,7 @@ REGIONS: dict[str, Callable[[], str]] = {
     "soak": region_soak,
     "evidence:table": region_evidence_table,
     "evidence:chosen": region_evidence_chosen,
+    "evidence:summary": region_evidence_summary,
     "evidence:published": region_evidence_published,
 }
 
@@ -612,7 +628,7 @@ def render() -> dict[Path, str]:
     """Every generated file's fresh text: the reference pages and each page holding regions."""
     out = {DOCS / rel: make() for rel, make in PAGES.items()}
     cache: dict[str, str] = {}
-    for path in sorted(DOCS.rglob("*.md")):
+    for path in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
         if path in out:
             continue
         text = path.read_text()

@@ -494,27 +494,27 @@ def _bar(total: int, description: str, enabled: bool) -> Any:
 # --------------------------------------------------------------------------------------------
 def format_results(report: Mapping[str, Any]) -> str:
     """One bundle's table: top-1, gain with its 95 % paired interval, ECE, changed share, cost."""
-    header = (f"{'method':<10} {'top-1':>7} {'sd':>5} {'gain':>7} {'95% paired CI':>17} {'ECE':>6} {'changed':>8} "
+    header = (f"{'method':<12} {'top-1':>7} {'sd':>5} {'gain':>7} {'95% paired CI':>17} {'ECE':>6} {'changed':>8} "
               f"{'ms/req':>7}  chosen on val")
     lines = [f"{report['dataset']}: {report['n_test']} test, {report['n_val']} val, {report['n_classes']} classes, "
              f"zero-shot {100 * report['zeroshot_top1']:.2f}", header, "-" * len(header)]
     for r in report["results"]:
         chosen = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
-        lines.append(f"{r['method']:<10} {100 * r['top1']:>7.2f} {100 * r['top1_sd']:>5.2f} {100 * r['gain']:>+7.2f} "
+        lines.append(f"{r['method']:<12} {100 * r['top1']:>7.2f} {100 * r['top1_sd']:>5.2f} {100 * r['gain']:>+7.2f} "
                      f"[{100 * r['gain_low']:>+6.2f}, {100 * r['gain_high']:>+6.2f}] {100 * r['ece']:>6.2f} "
                      f"{100 * r['changed']:>7.2f}% {r['ms_per_sample']:>7.2f}  {chosen}")
     for method, note in report.get("notes", {}).items():
-        lines.append(f"{method:<10} note: {note}")
+        lines.append(f"{method:<12} note: {note}")
     for method, reason in report.get("skipped", {}).items():
-        lines.append(f"{method:<10} skipped: {reason}")
+        lines.append(f"{method:<12} skipped: {reason}")
     return "\n".join(lines)
 
 
 def format_average(rows: Sequence[Mapping[str, Any]], n: int) -> str:
-    header = f"{'method':<10} {'top-1':>7} {'gain':>7} {'95% CI':>17} {'ECE':>6} {'changed':>8} {'ms/req':>7}"
+    header = f"{'method':<12} {'top-1':>7} {'gain':>7} {'95% CI':>17} {'ECE':>6} {'changed':>8} {'ms/req':>7}"
     lines = [f"average over {n} datasets", header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['method']:<10} {100 * r['top1']:>7.2f} {100 * r['gain']:>+7.2f} "
+        lines.append(f"{r['method']:<12} {100 * r['top1']:>7.2f} {100 * r['gain']:>+7.2f} "
                      f"[{100 * r['gain_low']:>+6.2f}, {100 * r['gain_high']:>+6.2f}] {100 * r['ece']:>6.2f} "
                      f"{100 * r['changed']:>7.2f}% {r['ms_per_sample']:>7.2f}")
     return "\n".join(lines)

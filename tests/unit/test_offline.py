@@ -242,4 +242,4 @@ def test_eval_features_runs_pixel_methods_under_their_feature_options_and_says_w
     (dpe,) = [r for r in report["results"] if r["method"] == "dpe"]
     assert dpe["options"]["n_views"] == 1 and not report["skipped"]
     assert report["notes"] == {"dpe": get_method_class("dpe").feature_options_note}
-    assert "dpe        note: one view" in capsys.readouterr().out
+    assert "dpe          note: one view" in capsys.readouterr().out
