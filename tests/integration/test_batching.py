@@ -14,7 +14,7 @@ import requests
 from tests.integration.torchserve import TorchServe
 from tta.metrics import sample_values
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.extended]  # .ci/run: after the README command (~70 s of setup)
 
 AUTO = {"tiers": "zeroshot,zero:4", "threshold": 1.0}
 

@@ -280,6 +280,7 @@ def test_v1_json_form_state_actions_and_metrics(kserve: KServe, photos: dict[str
     assert count("ok") - ok_before == 2 and count("client_error") - bad_before == 1
 
 
+@pytest.mark.extended  # its own server, held loading on purpose (~27 s): .ci/run runs it after the README command
 def test_model_is_not_ready_until_loaded_and_warmed(tmp_path: Path) -> None:
     """Until `load` has finished, server ready and model ready are false (a 4xx with the OIP error
     body) and inference is refused with 503 + Retry-After (own process: see above)."""

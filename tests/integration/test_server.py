@@ -223,6 +223,7 @@ def test_stream_state_actions(server: TorchServe, photos: dict[str, bytes]) -> N
     assert post_json(server, {"action": "reset", "method": "tda"}).status_code == 200
 
 
+@pytest.mark.extended  # a full install + archive run of scripts/serve.sh (~24 s): .ci/run runs it after the README command
 def test_serve_script_stops_clearly_without_weights(tmp_path: Path) -> None:
     env = {**os.environ, "SKIP_SYNC": "1", "MODEL": "ViT-B-16:openai", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
