@@ -417,7 +417,7 @@ def evaluate_bundle(bundle: Bundle, methods: Iterable[str] | None = None, orders
         "n_shots": len(bundle.shots), "zeroshot_top1": float(zeroshot_correct.mean()),
         "results": [r.summary(labels, zeroshot_correct) for r in reports],
         "skipped": skipped, "chosen": chosen,
-        "notes": {m: feature_note(m) for m in run if feature_note(m)},
+        "notes": {m: note for m in run if (note := feature_note(m))},
     }
 
 

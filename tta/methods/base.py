@@ -186,37 +186,36 @@ class Method(ABC):
         """The exact views [N, 3, S, S] `predict` will encode first, or None when they cannot be
         known in advance. The request's generator is not advanced (a copy is used)."""
         from tta.features import original_view
-        from tta.views import ViewSpec, make_views
 
-        clip = self.clip
         if self.batch_encoding == "original":
-            return original_view(clip, request.image)
+            return original_view(self.clip, request.image)
         if self.batch_encoding == "views":
-            opts = request.options
-            generator = torch.Generator().set_state(request.generator.get_state())
-            spec = ViewSpec(n_views=int(getattr(opts, "n_views", 1)), augmix=bool(getattr(opts, "augmix", False)))
-            return make_views(request.image, clip.image_size, clip.mean, clip.std, spec,
-                              generator=generator, device=clip.device)
+            return self._first_views(request, request.options, torch.Generator().set_state(request.generator.get_state()))
         return None
 
-    def encode_views(self, request: MethodInput, opts: MethodOptions) -> torch.Tensor:
-        """Features [N, d] of a "views" method's first views (`make_views` with the options' n_views
-        and augmix; the original view alone when n_views == 1), under the augment and encode
-        stages. The request's generator advances, so `batch_views` (a copy) saw the same views."""
-        from tta.features import encode_images, original_view
+    def _first_views(self, request: MethodInput, opts: MethodOptions, generator: torch.Generator) -> torch.Tensor:
+        """A "views" method's first views: `make_views` with the options' n_views and augmix, or the
+        original view alone when n_views == 1 (so a batch pass shares it with "original" methods)."""
+        from tta.features import original_view
         from tta.views import ViewSpec, make_views
 
         clip = self.clip
         n_views = int(getattr(opts, "n_views", 1))
+        if n_views == 1:
+            return original_view(clip, request.image)
+        return make_views(request.image, clip.image_size, clip.mean, clip.std,
+                          ViewSpec(n_views=n_views, augmix=bool(getattr(opts, "augmix", False))),
+                          generator=generator, device=clip.device)
+
+    def encode_views(self, request: MethodInput, opts: MethodOptions) -> torch.Tensor:
+        """Features [N, d] of a "views" method's first views (`_first_views`), under the augment and
+        encode stages. The request's generator advances, so `batch_views` (a copy) saw the same views."""
+        from tta.features import encode_images
+
         with request.timer.stage("augment"):
-            if n_views > 1:
-                views = make_views(request.image, clip.image_size, clip.mean, clip.std,
-                                   ViewSpec(n_views=n_views, augmix=bool(getattr(opts, "augmix", False))),
-                                   generator=request.generator, device=clip.device)
-            else:
-                views = original_view(clip, request.image)
+            views = self._first_views(request, opts, request.generator)
         with request.timer.stage("encode"):
-            return encode_images(clip, views)
+            return encode_images(self.clip, views)
 
     def feature_input_reason(self, options: MethodOptions) -> str | None:
         """Why this method cannot answer from the original view's embedding alone (None: it can).
